@@ -1,0 +1,117 @@
+//! The `sandboxd` binary: parses flags, binds listeners, reports readiness,
+//! and runs until SIGTERM or SIGINT, then shuts every process down in order.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use hutch_sandboxd::http::{AppState, router};
+use hutch_sandboxd::{ListenAddr, Listener, Supervisor, SupervisorConfig, serve};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sandboxd",
+    version,
+    about = "The daemon that runs as PID 1 in every Hutch sandbox"
+)]
+struct Args {
+    /// Where to listen: tcp:HOST:PORT, HOST:PORT or unix:PATH. Repeatable.
+    #[arg(long = "listen", default_value = "tcp:0.0.0.0:9501")]
+    listen: Vec<ListenAddr>,
+    /// An inherited descriptor to write one byte to once every listener is
+    /// bound, then close: the sandbox driver waits on it instead of polling.
+    #[arg(long)]
+    ready_fd: Option<i32>,
+    /// Output buffered per process, in bytes; older output is dropped.
+    #[arg(long, default_value_t = 8 << 20)]
+    output_limit: usize,
+    /// Exited processes kept for later queries.
+    #[arg(long, default_value_t = 256)]
+    max_exited: usize,
+    /// Seconds processes get to exit after SIGTERM before they are killed.
+    #[arg(long, default_value_t = 5.0)]
+    grace_secs: f64,
+    /// Worker threads; 0 runs everything on one thread (the lightest).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn")]
+    log_level: tracing::Level,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt().with_max_level(args.log_level).with_writer(std::io::stderr).init();
+    let runtime = if args.threads == 0 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    // The supervisor installs the SIGCHLD handler; it must exist before
+    // anything could fork.
+    let supervisor = Supervisor::start(SupervisorConfig {
+        output_limit: args.output_limit,
+        max_exited: args.max_exited,
+        ..SupervisorConfig::default()
+    })
+    .context("starting the supervisor")?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+
+    let mut listeners = Vec::new();
+    for addr in &args.listen {
+        let listener = Listener::bind(addr).await.with_context(|| format!("binding {addr:?}"))?;
+        listeners.push(listener);
+    }
+    // Announcing the addresses is a courtesy to whoever started us (tests
+    // bind port 0 and read it here); a closed stdout must not stop PID 1.
+    let mut stdout = std::io::stdout().lock();
+    for listener in &listeners {
+        let _ = writeln!(stdout, "sandboxd listening on {}", listener.describe());
+    }
+    let _ = stdout.flush();
+    drop(stdout);
+    if let Some(fd) = args.ready_fd {
+        signal_ready(fd);
+    }
+
+    let app = router(AppState { supervisor: supervisor.clone(), started });
+    let grace = Duration::from_secs_f64(args.grace_secs.max(0.0));
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("shutting down: stopping every process");
+        supervisor.shutdown(grace).await;
+    };
+    serve(listeners, app, shutdown).await;
+    Ok(())
+}
+
+fn signal_ready(fd: i32) {
+    // SAFETY: the descriptor was handed to us for this one purpose by
+    // whoever started sandboxd; nothing else in this process uses it.
+    let fd = unsafe { hutch_sandboxd_fd(fd) };
+    let mut file = std::fs::File::from(fd);
+    if let Err(e) = file.write_all(b"1") {
+        tracing::warn!("cannot signal readiness on fd: {e}");
+    }
+}
+
+/// # Safety
+/// See [`std::os::fd::OwnedFd::from_raw_fd`].
+unsafe fn hutch_sandboxd_fd(fd: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: forwarded from the caller.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}

@@ -1,0 +1,134 @@
+//! sandboxd as PID 1: orphans are reaped, shutdown is orderly, and a
+//! child's crash never takes sandboxd down.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{Sandboxd, eventually, zombie_children};
+
+#[tokio::test]
+async fn orphans_are_reaped_even_when_not_pid_1() {
+    let sandboxd = Sandboxd::start();
+    for _ in 0..10 {
+        // The shell exits at once; its background children are orphaned
+        // and re-parented to sandboxd, the subreaper.
+        sandboxd.sh("for i in 1 2 3 4 5; do (sleep 0.05 &); done; exit 0").await;
+    }
+    let pid = sandboxd.pid();
+    assert!(
+        eventually(Duration::from_secs(10), async || zombie_children(pid).is_empty()).await,
+        "zombies left: {:?}",
+        zombie_children(pid)
+    );
+}
+
+#[tokio::test]
+async fn as_pid_1_it_reaps_orphans_of_the_whole_namespace() {
+    let mut command = Command::new("unshare");
+    command.args(["--pid", "--fork", "--mount-proc", "--kill-child"]);
+    command.arg(env!("CARGO_BIN_EXE_sandboxd")).args(["--listen", "tcp:127.0.0.1:0"]);
+    let sandboxd = Sandboxd::spawn(command);
+    let (_, info) = sandboxd.get("/info").await;
+    assert_eq!(info["pid"], 1);
+    for _ in 0..5 {
+        sandboxd.sh("for i in 1 2 3 4 5; do (sleep 0.05 &); done; exit 0").await;
+    }
+    // Inside the namespace /proc shows only its processes: no zombies.
+    let clean = eventually(Duration::from_secs(10), async || {
+        let result = sandboxd.sh("cat /proc/[0-9]*/stat 2>/dev/null").await;
+        let stats = result["stdout"].as_str().unwrap().to_owned();
+        !stats.lines().any(|line| {
+            line.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    })
+    .await;
+    assert!(clean, "zombies remained in the pid namespace");
+}
+
+#[tokio::test]
+async fn a_crashing_child_never_takes_sandboxd_down() {
+    let sandboxd = Sandboxd::start();
+    let result = sandboxd.sh("kill -SEGV $$").await;
+    assert_eq!(result["signal"], 11);
+    let result = sandboxd.sh("kill -ABRT $$").await;
+    assert_eq!(result["signal"], 6);
+    // A child that closes its pipes early and then writes gets SIGPIPE,
+    // not sandboxd.
+    let result = sandboxd.sh("exec 1>&-; exec 2>&-; sleep 0.05; echo lost").await;
+    assert!(result["exit_code"].is_number() || result["signal"].is_number());
+    let (status, _) = sandboxd.get("/health").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn sigterm_stops_every_process_within_the_grace_period_then_exits() {
+    let mut sandboxd = Sandboxd::start_with(&["--grace-secs", "1"]);
+    let polite = sandboxd
+        .start_process(json!({"command": "sh", "args": ["-c", "trap 'exit 0' TERM; while :; do sleep 0.05; done"]}))
+        .await as u32;
+    let stubborn = sandboxd
+        .start_process(json!({"command": "sh", "args": ["-c", "trap '' TERM; sleep 100"]}))
+        .await as u32;
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sandboxd.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = sandboxd.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "sandboxd did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "the stubborn process got its grace period ({took:?})"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    for pid in [polite, stubborn] {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} survived");
+    }
+}
+
+#[tokio::test]
+async fn listens_on_a_unix_socket_and_signals_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sandboxd.sock");
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sandboxd"));
+    command.arg("--listen").arg(format!("unix:{}", socket.display()));
+    command.args(["--listen", "tcp:127.0.0.1:0", "--ready-fd", "3"]);
+    let write_fd = std::os::fd::AsRawFd::as_raw_fd(&write);
+    // SAFETY: dup2 in the child is async-signal-safe; it moves the pipe's
+    // write end to fd 3, where sandboxd expects it.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            if libc::dup2(write_fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let sandboxd = Sandboxd::spawn(command);
+    drop(write);
+    let mut byte = [0u8; 1];
+    let n = nix::unistd::read(&read, &mut byte).unwrap();
+    assert_eq!((n, byte[0]), (1, b'1'));
+    assert!(socket.exists());
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    use std::io::{Read, Write};
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with(r#"{"status":"ok"}"#), "{response}");
+    drop(sandboxd);
+}
