@@ -10,7 +10,7 @@ mod files;
 pub mod http;
 mod output;
 mod process;
-mod range;
+pub mod range;
 mod supervisor;
 mod sys;
 mod users;

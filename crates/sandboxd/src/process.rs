@@ -91,8 +91,17 @@ impl Process {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Records output. Output that arrives after the exit was recorded
+    /// (from background children still holding the pipes) is discarded, so
+    /// a process's output always ends where its exit event stands.
     pub fn append(&self, stream: Stream, data: &[u8]) {
-        self.state().output.append(stream, data);
+        {
+            let mut state = self.state();
+            if state.exit.is_some() {
+                return;
+            }
+            state.output.append(stream, data);
+        }
         self.changed.send_modify(|version| *version += 1);
     }
 

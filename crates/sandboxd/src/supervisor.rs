@@ -580,13 +580,13 @@ async fn watch_exit(
         None => reaped.await,
     };
     // Pipes reach EOF once every writer is gone. Background children that
-    // inherited them may keep writing; their output is taken for a short
-    // grace period, then the pipes are closed so the exit is not held up.
+    // inherited them may keep writing: their output is taken for a short
+    // grace period, then the exit is recorded. The pumps keep draining (and
+    // discarding) until EOF rather than close the pipes, which would kill
+    // those children with SIGPIPE on their next write.
     let deadline = Instant::now() + drain_grace;
     for mut pump in pumps {
-        if tokio::time::timeout_at(deadline, &mut pump).await.is_err() {
-            pump.abort();
-        }
+        let _ = tokio::time::timeout_at(deadline, &mut pump).await;
     }
     let exit = match exit {
         Ok(ChildExit::Code(code)) => ExitInfo { exit_code: Some(code), signal: None, timed_out },

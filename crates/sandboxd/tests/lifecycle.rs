@@ -78,14 +78,7 @@ async fn sigterm_stops_every_process_within_the_grace_period_then_exits() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = sandboxd.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "sandboxd did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = sandboxd.wait_exit(Duration::from_secs(15)).await;
     let took = started.elapsed();
     assert!(status.success(), "{status:?}");
     assert!(
@@ -131,4 +124,42 @@ async fn listens_on_a_unix_socket_and_signals_readiness() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with(r#"{"status":"ok"}"#), "{response}");
     drop(sandboxd);
+}
+
+#[tokio::test]
+async fn as_pid_1_shutdown_reaches_orphans_it_never_started() {
+    let markers = tempfile::tempdir().unwrap();
+    let mut command = Command::new("unshare");
+    command.args(["--pid", "--fork", "--mount-proc", "--kill-child"]);
+    command.arg(env!("CARGO_BIN_EXE_sandboxd")).args([
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--grace-secs",
+        "5",
+    ]);
+    let mut sandboxd = Sandboxd::spawn(command);
+    // Each orphan runs in its own session, out of every process group
+    // sandboxd started, so only PID 1's `kill(-1)` reaches it. Its TERM trap
+    // leaves a marker; the kernel's SIGKILL at namespace teardown would not.
+    let script = format!(
+        "for i in 1 2 3; do setsid sh -c 'trap \"touch {dir}/$1; exit 0\" TERM; echo up > {dir}/up$1; while :; do sleep 0.05; done' sh $i & done; exit 0",
+        dir = markers.path().display()
+    );
+    assert_eq!(sandboxd.sh(&script).await["exit_code"], 0);
+    let all_up = eventually(Duration::from_secs(10), async || {
+        (1..=3).all(|i| markers.path().join(format!("up{i}")).exists())
+    })
+    .await;
+    assert!(all_up, "orphans did not start");
+    let unshare = sandboxd.pid();
+    let children =
+        std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).unwrap();
+    let inner: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(inner), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let status = sandboxd.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}");
+    for i in 1..=3 {
+        assert!(markers.path().join(i.to_string()).exists(), "orphan {i} never got SIGTERM");
+    }
 }

@@ -401,3 +401,23 @@ async fn a_process_nobody_reads_never_blocks_on_a_full_pipe() {
     assert_eq!(info["output_bytes"], 200_000_005);
     assert_eq!(sandboxd.output(pid).await.1, b"done\n");
 }
+
+#[tokio::test]
+async fn background_children_outlive_their_exec_and_may_keep_writing() {
+    let sandboxd = Sandboxd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("alive");
+    // The child writes to the inherited stdout after the exec returned; it
+    // must not die of SIGPIPE, and its late output is not part of the exec.
+    let result = sandboxd
+        .sh(&format!(
+            "(sleep 0.3; echo late; echo late >&2; touch {}) & echo now",
+            marker.display()
+        ))
+        .await;
+    assert_eq!(result["stdout"], "now\n");
+    assert!(
+        eventually(Duration::from_secs(10), async || marker.exists()).await,
+        "the child was killed"
+    );
+}

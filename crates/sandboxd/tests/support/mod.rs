@@ -112,6 +112,18 @@ impl Sandboxd {
         }
     }
 
+    /// Waits for the sandboxd process itself to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "sandboxd did not exit within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Peak resident memory of sandboxd so far, in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         status_field(self.pid(), "VmHWM:")
