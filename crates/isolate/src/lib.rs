@@ -1,0 +1,1091 @@
+//! Native sandbox driver: turns a [`SandboxSpec`] into an isolated, limited process
+//! tree whose PID 1 is sandboxd.
+//!
+//! A sandbox is a child cloned into new mount, pid, uts, ipc, net and cgroup
+//! namespaces. The child assembles its root (an overlayfs over read-only image layers
+//! with a tmpfs upper sized to the disk limit) entirely inside its own mount
+//! namespace, pivots into it, drops to Docker's default capabilities, sets
+//! `no_new_privs`, installs a Docker-like seccomp filter and execs sandboxd. The parent
+//! meanwhile puts it into per-sandbox cgroups and records it on disk, so that another
+//! process can adopt it after a restart and sweep what a crash left behind.
+//!
+//! Host artefacts of sandbox `ID`: `{run_dir}/ID/` (state.json, sandboxd.log, `root/`
+//! where the child mounts its scratch tmpfs, `sandboxd/` bind-mounted at /.hutch/run)
+//! and a `hutch-ID` cgroup per controller. No mount is ever made in the host's namespace.
+
+mod cgroup;
+mod rootfs;
+mod seccomp;
+mod spawn;
+mod spec;
+mod state;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CString, NulError};
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use std::net::Ipv4Addr;
+
+use hutch_net::NetManager;
+use tokio::io::AsyncReadExt;
+use tokio::io::unix::AsyncFd;
+
+pub use cgroup::{CgroupError, CgroupLayout, SandboxCgroup};
+pub use rootfs::{PlanMountsError, PrepareImageError};
+pub use seccomp::BuildSeccompError;
+pub use spec::{Egress, InvalidSandboxId, Limits, Rootfs, SandboxId, SandboxSpec};
+
+use spawn::{ChildFds, ChildPlan, STEP_BASE, Step};
+use state::{StateFile, proc_start_time};
+
+/// How long sandboxd gets to report readiness.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the kernel gets to tear down a killed sandbox before we give up.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// File-descriptor limit of sandboxd and its processes (capped by our own hard limit:
+/// this host withholds CAP_SYS_RESOURCE).
+const NOFILE: u64 = 1 << 20;
+
+/// Where the driver keeps its files and what it runs.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// The prepared images (e.g. `/var/lib/hutch`).
+    pub state_dir: PathBuf,
+    /// Per-sandbox state, log and sandboxd's socket (e.g. `/run/hutch`). Sandboxes do
+    /// not survive a reboot, so like runc's `/run/runc` this belongs on a tmpfs, which
+    /// also keeps directory operations off the create and destroy paths' disk.
+    pub run_dir: PathBuf,
+    /// A statically linked sandboxd on the host, bind-mounted into every sandbox.
+    pub sandboxd_path: PathBuf,
+    /// Name of the cgroup created beneath our own that holds the sandbox cgroups;
+    /// `hutch` when `None`.
+    pub cgroup_parent: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NewDriverError {
+    #[error("create directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sandboxd binary {path} is not a regular file")]
+    Sandboxd {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("prepare images")]
+    Images(#[from] PrepareImageError),
+    #[error("set up cgroups")]
+    Cgroup(#[from] CgroupError),
+    #[error("build seccomp filter")]
+    Seccomp(#[from] BuildSeccompError),
+    #[error("read /proc/sys/kernel/cap_last_cap")]
+    LastCap(#[source] io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateSandboxError {
+    #[error("sandbox {0} already exists")]
+    AlreadyExists(SandboxId),
+    #[error("{feature} is not supported yet")]
+    Unsupported { feature: &'static str },
+    #[error("hostname {0:?} is not valid")]
+    InvalidHostname(String),
+    #[error("spec contains a NUL byte")]
+    Nul(#[from] NulError),
+    #[error("plan mounts")]
+    Mounts(#[from] PlanMountsError),
+    #[error("create {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("create cgroup")]
+    Cgroup(#[from] CgroupError),
+    #[error("clone the sandbox's init")]
+    Clone(#[source] io::Error),
+    #[error("sandbox init failed at {step}")]
+    Child {
+        step: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sandboxd exited before it was ready (see {log})")]
+    SandboxdExited { log: PathBuf },
+    #[error("sandboxd was not ready within {0:?}")]
+    ReadyTimeout(Duration),
+    #[error("write sandbox state")]
+    State(#[from] state::StateError),
+    #[error("wait for sandboxd")]
+    Wait(#[source] io::Error),
+    #[error("attach the sandbox's network")]
+    Network(#[from] hutch_net::AttachNetworkError),
+    #[error("make /.hutch/run read-only in the sandbox")]
+    Seal(#[source] io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StopSandboxError {
+    #[error("no sandbox {0}")]
+    NotFound(SandboxId),
+    #[error("signal sandbox init")]
+    Signal(#[source] io::Error),
+    #[error("sandbox did not exit within {0:?} of SIGKILL")]
+    KillTimeout(Duration),
+    #[error("kill processes in cgroup")]
+    Cgroup(#[from] CgroupError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DestroySandboxError {
+    #[error("no sandbox {0}")]
+    NotFound(SandboxId),
+    #[error("stop sandbox")]
+    Stop(#[from] StopSandboxError),
+    #[error("remove host artefacts")]
+    Teardown(#[from] TeardownError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectSandboxError {
+    #[error("no sandbox {0}")]
+    NotFound(SandboxId),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("read {path}")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("remove leftovers of sandbox {id}")]
+    Teardown {
+        id: String,
+        #[source]
+        source: TeardownError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("sweep sandbox networks")]
+    Network(#[source] hutch_net::NetSweepError),
+    #[error("read {path}")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("remove leftovers of sandbox {id}")]
+    Teardown {
+        id: String,
+        #[source]
+        source: TeardownError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectPortError {
+    #[error("no sandbox {0}")]
+    NotFound(SandboxId),
+    #[error("sandbox {0} is not running")]
+    NotRunning(SandboxId),
+    #[error("enter the sandbox's network namespace")]
+    Setns(#[source] io::Error),
+    #[error("connect to 127.0.0.1:{port} in the sandbox")]
+    Connect {
+        port: u16,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spawn the connecting thread")]
+    Thread(#[source] io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TeardownError {
+    #[error("cgroup")]
+    Cgroup(#[from] CgroupError),
+    #[error("cgroup still busy {0:?} after killing its processes")]
+    CgroupBusy(Duration),
+    #[error("remove {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("detach the sandbox's network")]
+    Network(#[from] hutch_net::DetachNetworkError),
+}
+
+/// Lifecycle state of a sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SandboxState {
+    Running,
+    Exited,
+}
+
+/// How the sandbox's PID 1 ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+    /// PID 1 was adopted, so its status went to another parent.
+    Unknown,
+}
+
+/// Why a sandbox ended, or what went wrong in a running one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Stopped through [`Driver::stop`] or [`Driver::destroy`].
+    Stopped,
+    /// The kernel's OOM killer killed a process in the sandbox (a running sandbox
+    /// keeps running if PID 1 survived).
+    Oom,
+    /// PID 1 exited on its own.
+    Exited,
+}
+
+/// A snapshot of one sandbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxInfo {
+    pub id: SandboxId,
+    pub state: SandboxState,
+    /// Host pid of the sandbox's PID 1.
+    pub pid: i32,
+    /// The sandbox's address on the host bridge, reachable from the host (the proxy);
+    /// `None` with egress `none`, where [`Driver::connect_port`] is the way in.
+    pub address: Option<Ipv4Addr>,
+    pub exit: Option<ExitStatus>,
+    pub reason: Option<Reason>,
+    /// Processes killed by the OOM killer in the sandbox's cgroup.
+    pub oom_kills: u64,
+}
+
+/// Result of [`Driver::adopt`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AdoptReport {
+    /// Running sandboxes now managed by this driver.
+    pub adopted: Vec<SandboxId>,
+    /// Dead sandboxes whose leftovers were removed.
+    pub removed: Vec<String>,
+}
+
+/// Result of [`Driver::sweep`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Ids whose leftovers (state dir, run dir, cgroups) were removed.
+    pub removed: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Sandbox {
+    id: SandboxId,
+    pid: i32,
+    pidfd: OwnedFd,
+    /// Whether we cloned it (and so can reap it and read its exit status).
+    is_child: bool,
+    cgroup: SandboxCgroup,
+    /// Address on the host bridge (egress internet only).
+    address: Option<Ipv4Addr>,
+    stop_requested: AtomicBool,
+    exit: Mutex<Option<ExitStatus>>,
+}
+
+impl Sandbox {
+    fn exit(&self) -> MutexGuard<'_, Option<ExitStatus>> {
+        // A poisoned lock only means another thread panicked while holding a plain
+        // value; the value is still meaningful.
+        self.exit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reaps PID 1 if it has exited; returns its status once it has.
+    fn poll_exit(&self) -> Option<ExitStatus> {
+        let mut exit = self.exit();
+        if exit.is_some() {
+            return *exit;
+        }
+        let mut pfd = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one valid pollfd with a zero timeout.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if ready <= 0 {
+            return None;
+        }
+        let status = if self.is_child {
+            // SAFETY: siginfo_t is plain old data filled in by waitid.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid on our own child's pidfd.
+            let ret = unsafe {
+                libc::waitid(
+                    libc::P_PIDFD,
+                    self.pidfd.as_raw_fd() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::__WALL | libc::WNOHANG,
+                )
+            };
+            // SAFETY: si_status is valid for SIGCHLD-style siginfo filled by waitid.
+            let si_status = unsafe { info.si_status() };
+            match (ret, info.si_code) {
+                (0, libc::CLD_EXITED) => ExitStatus::Code(si_status),
+                (0, libc::CLD_KILLED | libc::CLD_DUMPED) => ExitStatus::Signal(si_status),
+                _ => ExitStatus::Unknown,
+            }
+        } else {
+            ExitStatus::Unknown
+        };
+        *exit = Some(status);
+        *exit
+    }
+
+    fn info(&self) -> SandboxInfo {
+        let exit = self.poll_exit();
+        let oom_kills = self.cgroup.oom_kills().unwrap_or(0);
+        let reason = match exit {
+            Some(_) if self.stop_requested.load(Ordering::Relaxed) => Some(Reason::Stopped),
+            _ if oom_kills > 0 => Some(Reason::Oom),
+            Some(_) => Some(Reason::Exited),
+            None => None,
+        };
+        SandboxInfo {
+            id: self.id.clone(),
+            state: if exit.is_some() { SandboxState::Exited } else { SandboxState::Running },
+            pid: self.pid,
+            address: self.address,
+            exit,
+            reason,
+            oom_kills,
+        }
+    }
+
+    fn signal(&self, signal: i32) -> io::Result<()> {
+        // SAFETY: pidfd_send_signal on our pidfd; the pidfd makes it immune to pid reuse.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        match ret {
+            0 => Ok(()),
+            _ => {
+                let err = io::Error::last_os_error();
+                // ESRCH: it already exited, which is what we wanted.
+                if err.raw_os_error() == Some(libc::ESRCH) { Ok(()) } else { Err(err) }
+            }
+        }
+    }
+
+    /// Waits until PID 1 has exited, up to `timeout`. Returns whether it has.
+    async fn wait_exit(&self, timeout: Duration) -> io::Result<bool> {
+        if self.poll_exit().is_some() {
+            return Ok(true);
+        }
+        let pidfd = self.pidfd.try_clone()?;
+        // SAFETY: the AsyncFd owns `pidfd`, an OwnedFd, which stays open and refers to
+        // the same pidfd until the AsyncFd is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        let _ = tokio::time::timeout(timeout, fd.readable()).await;
+        Ok(self.poll_exit().is_some())
+    }
+}
+
+/// The native sandbox driver. Owns nothing global except what is named after the ids
+/// of its sandboxes.
+#[derive(Debug)]
+pub struct Driver {
+    config: DriverConfig,
+    images: rootfs::Images,
+    cgroups: CgroupLayout,
+    seccomp: Vec<seccompiler::BpfProgram>,
+    last_cap: u32,
+    nofile: u64,
+    network: Option<Arc<NetManager>>,
+    sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
+    /// Ids being created, reserved so that two creates of one id cannot race.
+    creating: Mutex<HashSet<SandboxId>>,
+}
+
+impl Driver {
+    pub fn new(config: DriverConfig) -> Result<Self, NewDriverError> {
+        for dir in [config.state_dir.clone(), config.run_dir.clone()] {
+            fs::create_dir_all(&dir)
+                .map_err(|source| NewDriverError::CreateDir { path: dir.clone(), source })?;
+        }
+        let meta = fs::metadata(&config.sandboxd_path).and_then(|m| {
+            if m.is_file() { Ok(m) } else { Err(io::Error::from(io::ErrorKind::InvalidInput)) }
+        });
+        if let Err(source) = meta {
+            return Err(NewDriverError::Sandboxd { path: config.sandboxd_path.clone(), source });
+        }
+        let images = rootfs::Images::prepare(&config.state_dir.join("images"))?;
+        let cgroups = CgroupLayout::detect(config.cgroup_parent.as_deref().unwrap_or("hutch"))?;
+        cgroups.prepare()?;
+        let last_cap = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .map_err(NewDriverError::LastCap)?
+            .trim()
+            .parse()
+            .unwrap_or(40);
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit fills the struct.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        Ok(Self {
+            images,
+            cgroups,
+            seccomp: seccomp::default_filters()?,
+            last_cap,
+            nofile: NOFILE.min(limit.rlim_max),
+            config,
+            network: None,
+            sandboxes: Mutex::default(),
+            creating: Mutex::default(),
+        })
+    }
+
+    /// Gives sandboxes with [`Egress::Internet`] a veth on the host bridge managed by
+    /// `network`. Without it, such sandboxes are refused as unsupported.
+    pub fn with_network(mut self, network: Arc<NetManager>) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    /// The cgroup hierarchy sandboxes are placed in.
+    pub fn cgroup_layout(&self) -> &CgroupLayout {
+        &self.cgroups
+    }
+
+    /// The cgroup(s) of a sandbox (present while it exists).
+    pub fn cgroup(&self, id: &SandboxId) -> SandboxCgroup {
+        self.cgroups.sandbox(id)
+    }
+
+    /// Host path of sandboxd's unix socket in a sandbox.
+    pub fn sandboxd_socket(&self, id: &SandboxId) -> PathBuf {
+        self.sandboxd_dir(id.as_str()).join("sandboxd.sock")
+    }
+
+    /// The directory mounted at /.hutch/run in the sandbox.
+    fn sandboxd_dir(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("sandboxd")
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.config.run_dir.join(id)
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<SandboxId, Arc<Sandbox>>> {
+        self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, id: &SandboxId) -> Option<Arc<Sandbox>> {
+        self.map().get(id).cloned()
+    }
+
+    /// Creates and starts a sandbox; returns once sandboxd listens on its socket.
+    pub async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo, CreateSandboxError> {
+        let network = match spec.egress {
+            Egress::None => None,
+            Egress::Internet => {
+                Some(self.network.clone().ok_or(CreateSandboxError::Unsupported {
+                    feature: "egress internet without a network manager (Driver::with_network)",
+                })?)
+            }
+        };
+        if spec.user_namespace {
+            return Err(CreateSandboxError::Unsupported { feature: "user namespaces" });
+        }
+        let id = spec.id.clone();
+        let _reservation = self.reserve(&id)?;
+
+        let cgroup = self.cgroups.sandbox(&id);
+        let started = match self.start(&spec, &cgroup) {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = self.teardown(id.as_str(), &cgroup, None).await;
+                return Err(e);
+            }
+        };
+        let mut sandbox = Sandbox {
+            id: id.clone(),
+            pid: started.pid,
+            pidfd: started.pidfd,
+            is_child: true,
+            cgroup,
+            address: None,
+            stop_requested: AtomicBool::new(false),
+            exit: Mutex::new(None),
+        };
+        let result = self.finish_start(&mut sandbox, network.as_deref(), started.sync_w).await;
+        let result = match result {
+            Ok(()) => {
+                match self.wait_ready(&id, started.ready_r, started.err_r, &started.ops).await {
+                    Ok(()) => seal_sandboxd_dir(&sandbox.pidfd).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            let _ = sandbox.signal(libc::SIGKILL);
+            let _ = sandbox.wait_exit(KILL_TIMEOUT).await;
+            let _ = self.teardown(id.as_str(), &sandbox.cgroup, network.as_deref()).await;
+            return Err(e);
+        }
+        let sandbox = Arc::new(sandbox);
+        self.map().insert(id, sandbox.clone());
+        Ok(sandbox.info())
+    }
+
+    /// Wires the network (while the child still waits), records the sandbox on disk
+    /// and releases the child.
+    async fn finish_start(
+        &self,
+        sandbox: &mut Sandbox,
+        network: Option<&NetManager>,
+        sync_w: OwnedFd,
+    ) -> Result<(), CreateSandboxError> {
+        if let Some(network) = network {
+            // Our unreaped child: its pid cannot be reused while we hold it.
+            let netns = PathBuf::from(format!("/proc/{}/ns/net", sandbox.pid));
+            let net =
+                network.attach(sandbox.id.as_str(), &netns, hutch_net::Egress::Internet).await?;
+            sandbox.address = net.address;
+        }
+        StateFile {
+            id: sandbox.id.to_string(),
+            pid: sandbox.pid,
+            start_time: proc_start_time(sandbox.pid).unwrap_or(0),
+            cgroup: sandbox.cgroup.clone(),
+            address: sandbox.address,
+        }
+        .write(&self.sandbox_dir(sandbox.id.as_str()))?;
+        // Release the child: it is in its cgroups, wired and on record.
+        write_byte(&sync_w).map_err(CreateSandboxError::Wait)
+    }
+
+    fn reserve(&self, id: &SandboxId) -> Result<Reservation<'_>, CreateSandboxError> {
+        let mut creating = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        if self.map().contains_key(id)
+            || creating.contains(id)
+            || self.sandbox_dir(id.as_str()).exists()
+        {
+            return Err(CreateSandboxError::AlreadyExists(id.clone()));
+        }
+        creating.insert(id.clone());
+        Ok(Reservation { driver: self, id: id.clone() })
+    }
+
+    /// Everything up to releasing the child: directories, cgroups, the clone, the
+    /// state file. Synchronous because the plan holds raw pointers and takes well
+    /// under a millisecond.
+    fn start(
+        &self,
+        spec: &SandboxSpec,
+        cgroup: &SandboxCgroup,
+    ) -> Result<Started, CreateSandboxError> {
+        let id = &spec.id;
+        let dir = self.sandbox_dir(id.as_str());
+        let run = self.sandboxd_dir(id.as_str());
+        for path in [&dir, &rootfs::scratch_dir(&dir), &run] {
+            fs::create_dir(path)
+                .map_err(|source| CreateSandboxError::Io { path: path.clone(), source })?;
+        }
+        cgroup.create(&spec.limits)?;
+
+        let ops = rootfs::plan_mounts(
+            &self.images,
+            &spec.rootfs,
+            &rootfs::SandboxPaths {
+                dir: &dir,
+                run: &run,
+                sandboxd: &self.config.sandboxd_path,
+                disk_bytes: spec.limits.disk_bytes,
+            },
+        )?;
+        let hostname = spec.hostname.clone().unwrap_or_else(|| id.to_string());
+        if hostname.is_empty() || hostname.len() > 64 {
+            return Err(CreateSandboxError::InvalidHostname(hostname));
+        }
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            ("HOME".into(), "/root".into()),
+            ("HOSTNAME".into(), hostname.clone()),
+        ];
+        if let Some(user) = &spec.user {
+            env.push(("HUTCH_USER".into(), user.clone()));
+        }
+        for (key, value) in &spec.env {
+            env.retain(|(k, _)| k != key);
+            env.push((key.clone(), value.clone()));
+        }
+        let plan = ChildPlan {
+            ops,
+            new_root: CString::new(rootfs::new_root(&dir).as_os_str().as_encoded_bytes())?,
+            hostname: CString::new(hostname)?,
+            rlimits: vec![
+                (
+                    libc::RLIMIT_NOFILE as i32,
+                    libc::rlimit { rlim_cur: self.nofile, rlim_max: self.nofile },
+                ),
+                // A core dump may be piped to a host helper (core_pattern), so none.
+                (libc::RLIMIT_CORE as i32, libc::rlimit { rlim_cur: 0, rlim_max: 0 }),
+            ],
+            caps_keep: spawn::default_caps_mask(),
+            last_cap: self.last_cap,
+            seccomp: self.seccomp.clone(),
+            workdir: CString::new(spec.working_dir.as_deref().unwrap_or("/"))?,
+            exe: CString::new("/.hutch/sandboxd")?,
+            argv: [
+                "/.hutch/sandboxd",
+                "--listen",
+                "unix:/.hutch/run/sandboxd.sock",
+                "--ready-fd",
+                "3",
+            ]
+            .into_iter()
+            .map(CString::new)
+            .collect::<Result<_, _>>()?,
+            envp: env
+                .iter()
+                .map(|(k, v)| CString::new(format!("{k}={v}")))
+                .collect::<Result<_, _>>()?,
+        };
+
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| CreateSandboxError::Io { path, source }
+        };
+        let log_path = dir.join("sandboxd.log");
+        let log: OwnedFd = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?
+            .into();
+        let stdin: OwnedFd =
+            fs::File::open("/dev/null").map_err(io_err(Path::new("/dev/null")))?.into();
+        let pipe = || spawn::pipe().map_err(io_err(Path::new("pipe")));
+        let (ready_r, ready_w) = pipe()?;
+        let (sync_r, sync_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let fds = ChildFds { stdin, log, ready_w, sync_r, err_w };
+        let spawned = spawn::spawn(&plan, &fds).map_err(CreateSandboxError::Clone)?;
+        // The child's copies are all it needs; ours would hide its EOFs.
+        drop(fds);
+        let kill = |e: CreateSandboxError| {
+            // SAFETY: pidfd_send_signal and waitid on the pidfd of our own child, which
+            // dies at once (SIGKILL) and must be reaped: it has no exit signal, so
+            // nobody else will.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    spawned.pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PIDFD,
+                    spawned.pidfd.as_raw_fd() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::__WALL,
+                );
+            };
+            e
+        };
+
+        cgroup.attach(spawned.pid).map_err(|e| kill(e.into()))?;
+        Ok(Started {
+            pid: spawned.pid,
+            pidfd: spawned.pidfd,
+            sync_w,
+            ready_r,
+            err_r,
+            ops: plan.ops,
+        })
+    }
+
+    async fn wait_ready(
+        &self,
+        id: &SandboxId,
+        ready_r: OwnedFd,
+        err_r: OwnedFd,
+        ops: &[spawn::Op],
+    ) -> Result<(), CreateSandboxError> {
+        let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_r)
+            .map_err(CreateSandboxError::Wait)?;
+        let mut byte = [0u8; 1];
+        let n = match tokio::time::timeout(READY_TIMEOUT, ready.read(&mut byte)).await {
+            Err(_) => return Err(CreateSandboxError::ReadyTimeout(READY_TIMEOUT)),
+            Ok(result) => result.map_err(CreateSandboxError::Wait)?,
+        };
+        if n == 1 {
+            return Ok(());
+        }
+        // EOF: the child failed before exec (and said where), or sandboxd exited.
+        let mut buf = [0u8; 8];
+        let mut err = fs::File::from(err_r);
+        let got = io::Read::read(&mut err, &mut buf).unwrap_or(0);
+        if got == 8 {
+            let step = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+            let step = match Step::from_code(step) {
+                Some(step) => format!("{step:?}"),
+                None if step < STEP_BASE => ops
+                    .get(step as usize)
+                    .map(|op| format!("{op:?}"))
+                    .unwrap_or_else(|| format!("mount step {step}")),
+                None => format!("step {step}"),
+            };
+            return Err(CreateSandboxError::Child {
+                step,
+                source: io::Error::from_raw_os_error(errno),
+            });
+        }
+        Err(CreateSandboxError::SandboxdExited {
+            log: self.sandbox_dir(id.as_str()).join("sandboxd.log"),
+        })
+    }
+
+    /// Stops a sandbox: SIGTERM to PID 1, then after `grace` SIGKILL to it and to every
+    /// process in its cgroup. Killing a pid namespace's init kills the whole namespace;
+    /// the cgroup sweep is belt and braces.
+    pub async fn stop(
+        &self,
+        id: &SandboxId,
+        grace: Duration,
+    ) -> Result<SandboxInfo, StopSandboxError> {
+        let sandbox = self.get(id).ok_or_else(|| StopSandboxError::NotFound(id.clone()))?;
+        stop_sandbox(&sandbox, grace).await?;
+        Ok(sandbox.info())
+    }
+
+    /// Stops the sandbox if needed and removes every host artefact of it.
+    pub async fn destroy(&self, id: &SandboxId) -> Result<(), DestroySandboxError> {
+        let sandbox = self.get(id).ok_or_else(|| DestroySandboxError::NotFound(id.clone()))?;
+        stop_sandbox(&sandbox, Duration::ZERO).await?;
+        let network = sandbox.address.and(self.network.as_deref());
+        self.teardown(id.as_str(), &sandbox.cgroup, network).await?;
+        self.map().remove(id);
+        Ok(())
+    }
+
+    pub fn inspect(&self, id: &SandboxId) -> Result<SandboxInfo, InspectSandboxError> {
+        self.get(id).map(|s| s.info()).ok_or_else(|| InspectSandboxError::NotFound(id.clone()))
+    }
+
+    pub fn list(&self) -> Vec<SandboxInfo> {
+        let sandboxes: Vec<Arc<Sandbox>> = self.map().values().cloned().collect();
+        let mut infos: Vec<SandboxInfo> = sandboxes.iter().map(|s| s.info()).collect();
+        infos.sort_by(|a, b| a.id.cmp(&b.id));
+        infos
+    }
+
+    /// Takes over running sandboxes recorded in the state dir (after a restart of the
+    /// owning process) and removes the leftovers of dead ones.
+    pub async fn adopt(&self) -> Result<AdoptReport, AdoptError> {
+        let mut report = AdoptReport::default();
+        let dir = self.config.run_dir.clone();
+        let entries = fs::read_dir(&dir)
+            .map_err(|source| AdoptError::ReadDir { path: dir.clone(), source })?;
+        let mut names: Vec<String> =
+            entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+        names.sort();
+        for name in names {
+            let Ok(id) = SandboxId::new(name.clone()) else {
+                continue;
+            };
+            if self.get(&id).is_some() || self.is_creating(&id) {
+                continue;
+            }
+            let state = StateFile::read(&self.sandbox_dir(&name)).ok();
+            let alive = state.as_ref().and_then(|s| Some((s, s.open_if_alive()?)));
+            match alive {
+                Some((state, pidfd)) => {
+                    let sandbox = Arc::new(Sandbox {
+                        id: id.clone(),
+                        pid: state.pid,
+                        pidfd,
+                        is_child: false,
+                        cgroup: state.cgroup.clone(),
+                        address: state.address,
+                        stop_requested: AtomicBool::new(false),
+                        exit: Mutex::new(None),
+                    });
+                    self.map().insert(id.clone(), sandbox);
+                    report.adopted.push(id);
+                }
+                None => {
+                    let cgroup =
+                        state.map(|s| s.cgroup).unwrap_or_else(|| self.cgroups.sandbox(&id));
+                    self.teardown(&name, &cgroup, self.network.as_deref())
+                        .await
+                        .map_err(|source| AdoptError::Teardown { id: name.clone(), source })?;
+                    report.removed.push(name);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Removes what a crash left behind for sandboxes that are neither managed by this
+    /// driver nor alive: state dirs, run dirs and cgroups named after them.
+    pub async fn sweep(&self) -> Result<SweepReport, SweepError> {
+        let mut candidates: Vec<String> = Vec::new();
+        {
+            let dir = self.config.run_dir.clone();
+            let entries = fs::read_dir(&dir)
+                .map_err(|source| SweepError::ReadDir { path: dir.clone(), source })?;
+            candidates.extend(entries.filter_map(|e| e.ok()?.file_name().into_string().ok()));
+        }
+        candidates.extend(self.cgroups.existing_ids());
+        candidates.sort();
+        candidates.dedup();
+
+        let mut report = SweepReport::default();
+        for name in candidates {
+            let Ok(id) = SandboxId::new(name.clone()) else {
+                continue;
+            };
+            if self.get(&id).is_some() || self.is_creating(&id) {
+                continue;
+            }
+            let state = StateFile::read(&self.sandbox_dir(&name)).ok();
+            if state.as_ref().and_then(|s| s.open_if_alive()).is_some() {
+                continue;
+            }
+            let cgroup = state.map(|s| s.cgroup).unwrap_or_else(|| self.cgroups.sandbox(&id));
+            self.teardown(&name, &cgroup, self.network.as_deref())
+                .await
+                .map_err(|source| SweepError::Teardown { id: name.clone(), source })?;
+            report.removed.push(name);
+        }
+        if let Some(network) = &self.network {
+            let live: HashSet<String> = self.map().keys().map(|id| id.to_string()).collect();
+            network.sweep(&live).await.map_err(SweepError::Network)?;
+        }
+        Ok(report)
+    }
+
+    fn is_creating(&self, id: &SandboxId) -> bool {
+        self.creating.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
+    }
+
+    /// Kills what is left in the cgroup, removes it, then the sandbox's directories.
+    /// Mounts need no cleanup: they only ever existed in the sandbox's own mount
+    /// namespace, which died with its last process.
+    async fn teardown(
+        &self,
+        id: &str,
+        cgroup: &SandboxCgroup,
+        network: Option<&NetManager>,
+    ) -> Result<(), TeardownError> {
+        if let Some(network) = network {
+            network.detach(id).await?;
+        }
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        let mut spins = 0u32;
+        loop {
+            cgroup.kill_all()?;
+            match cgroup.remove() {
+                Ok(()) => break,
+                Err(CgroupError::Rmdir { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                {
+                    // Exiting tasks leave the cgroup asynchronously; this takes
+                    // microseconds, so yield a few times before sleeping.
+                    spins += 1;
+                    if spins < 50 {
+                        tokio::task::yield_now().await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                Err(CgroupError::Rmdir { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) =>
+                {
+                    return Err(TeardownError::CgroupBusy(KILL_TIMEOUT));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+
+        let dir = self.sandbox_dir(id);
+        // Only names we created, and never recursively: if a mount ever showed up in
+        // the host namespace, a recursive delete could walk into the host's /usr.
+        for file in ["state.json", "sandboxd.log"] {
+            remove(&dir.join(file), |p| fs::remove_file(p))?;
+        }
+        remove(&rootfs::scratch_dir(&dir), |p| fs::remove_dir(p))?;
+        // The sandboxd dir is writable from inside the sandbox, so it may hold
+        // anything, but never a mount (sandboxes cannot mount), and remove_dir_all
+        // does not follow symlinks.
+        remove(&self.sandboxd_dir(id), |p| fs::remove_dir_all(p))?;
+        remove(&dir, |p| fs::remove_dir(p))?;
+        Ok(())
+    }
+
+    /// A TCP connection to `127.0.0.1:port` inside the sandbox's network namespace,
+    /// made from a short-lived thread that enters the namespace. This is how a proxy
+    /// reaches exposed ports even when the sandbox has no network.
+    pub async fn connect_port(
+        &self,
+        id: &SandboxId,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, ConnectPortError> {
+        let sandbox = self.get(id).ok_or_else(|| ConnectPortError::NotFound(id.clone()))?;
+        if sandbox.poll_exit().is_some() {
+            return Err(ConnectPortError::NotRunning(id.clone()));
+        }
+        let pidfd = sandbox.pidfd.try_clone().map_err(ConnectPortError::Setns)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("hutch-netns".into())
+            .spawn(move || {
+                let result = connect_in_netns(&pidfd, port);
+                let _ = tx.send(result);
+            })
+            .map_err(ConnectPortError::Thread)?;
+        let stream = rx
+            .await
+            .map_err(|_| ConnectPortError::Thread(io::Error::other("thread vanished")))??;
+        stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream))
+            .map_err(|source| ConnectPortError::Connect { port, source })
+    }
+}
+
+/// Makes /.hutch/run read-only inside the sandbox once sandboxd has bound its socket.
+///
+/// The directory is shared with the host. Left writable, root in the sandbox could
+/// fill the host's /run, or swap the socket for a symlink to a host socket (say
+/// docker.sock) that the dataplane would then connect to. Connecting to a unix socket
+/// needs no write access, so sandboxd stays reachable. Sandboxes cannot remount
+/// (no CAP_SYS_ADMIN, and seccomp refuses mount).
+async fn seal_sandboxd_dir(pidfd: &OwnedFd) -> Result<(), CreateSandboxError> {
+    let pidfd = pidfd.try_clone().map_err(CreateSandboxError::Seal)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("hutch-seal".into())
+        .spawn(move || {
+            let _ = tx.send(remount_read_only_in(&pidfd, c"/.hutch/run"));
+        })
+        .map_err(CreateSandboxError::Seal)?;
+    rx.await
+        .map_err(|_| CreateSandboxError::Seal(io::Error::other("thread vanished")))?
+        .map_err(CreateSandboxError::Seal)
+}
+
+/// On the calling thread (which must be about to exit): enters the mount namespace of
+/// the process behind `pidfd` and remounts `path` read-only.
+fn remount_read_only_in(pidfd: &OwnedFd, path: &std::ffi::CStr) -> io::Result<()> {
+    let check = |ret: libc::c_int| if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
+    // SAFETY: unshare(CLONE_FS) detaches this thread's root and cwd from the other
+    // threads' (setns into a mount namespace requires it); setns then only changes
+    // this thread; mount gets a NUL-terminated path. The thread exits right after.
+    unsafe {
+        check(libc::unshare(libc::CLONE_FS))?;
+        check(libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            path.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ))
+    }
+}
+
+fn connect_in_netns(pidfd: &OwnedFd, port: u16) -> Result<std::net::TcpStream, ConnectPortError> {
+    // SAFETY: setns on this thread only (a thread may join another network namespace);
+    // the thread ends right after connecting.
+    if unsafe { libc::setns(pidfd.as_fd().as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+        return Err(ConnectPortError::Setns(io::Error::last_os_error()));
+    }
+    std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))
+        .map_err(|source| ConnectPortError::Connect { port, source })
+}
+
+async fn stop_sandbox(sandbox: &Sandbox, grace: Duration) -> Result<(), StopSandboxError> {
+    if sandbox.poll_exit().is_some() {
+        return Ok(());
+    }
+    sandbox.stop_requested.store(true, Ordering::Relaxed);
+    if !grace.is_zero() {
+        sandbox.signal(libc::SIGTERM).map_err(StopSandboxError::Signal)?;
+        if sandbox.wait_exit(grace).await.map_err(StopSandboxError::Signal)? {
+            return Ok(());
+        }
+    }
+    sandbox.signal(libc::SIGKILL).map_err(StopSandboxError::Signal)?;
+    sandbox.cgroup.kill_all()?;
+    if sandbox.wait_exit(KILL_TIMEOUT).await.map_err(StopSandboxError::Signal)? {
+        Ok(())
+    } else {
+        Err(StopSandboxError::KillTimeout(KILL_TIMEOUT))
+    }
+}
+
+fn remove(path: &Path, op: fn(&Path) -> io::Result<()>) -> Result<(), TeardownError> {
+    match op(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(TeardownError::Remove { path: path.to_owned(), source }),
+    }
+}
+
+fn write_byte(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: writing one byte from a stack buffer to a pipe we own.
+    match unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) } {
+        1 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+#[derive(Debug)]
+struct Started {
+    pid: i32,
+    pidfd: OwnedFd,
+    /// Writing a byte releases the child; closing it unwritten makes the child exit.
+    sync_w: OwnedFd,
+    ready_r: OwnedFd,
+    err_r: OwnedFd,
+    /// Kept to name the step a failing child reports.
+    ops: Vec<spawn::Op>,
+}
+
+/// Releases an id reserved by [`Driver::reserve`].
+struct Reservation<'a> {
+    driver: &'a Driver,
+    id: SandboxId,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.driver.creating.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
+}

@@ -1,0 +1,123 @@
+//! Egress `internet` through hutch-net: an address the host can reach, and nothing
+//! else. Runs as root; every test re-executes itself under `unshare --net`, so the
+//! bridge, nft tables and sysctls live in a namespace that vanishes with it.
+
+mod support;
+
+use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hutch_isolate::Egress;
+use hutch_net::{NetConfig, NetManager};
+use support::TestEnv;
+
+const INNER_ENV: &str = "HUTCH_ISOLATE_NET_TEST_INNER";
+
+/// Runs `body` in a fresh network namespace by re-executing this test binary there.
+fn in_private_netns<F, Fut>(test_name: &str, body: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    if std::env::var(INNER_ENV).as_deref() == Ok(test_name) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        runtime
+            .block_on(async {
+                let up = Command::new("ip").args(["link", "set", "lo", "up"]).status()?;
+                anyhow::ensure!(up.success(), "ip link set lo up failed");
+                body().await
+            })
+            .unwrap_or_else(|error| panic!("{error:?}"));
+        return;
+    }
+    let output = Command::new("unshare")
+        .args(["--net", "--"])
+        .arg(std::env::current_exe().expect("test binary path"))
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INNER_ENV, test_name)
+        .output()
+        .expect("run unshare");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains(&format!("test {test_name} ... ok")),
+        "test in a private network namespace failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+}
+
+/// Python that connects to `host:port` and prints `connected` or the error name.
+fn connect_probe(host: Ipv4Addr, port: u16) -> String {
+    format!(
+        "import socket, errno\ns = socket.socket(); s.settimeout(1)\ntry:\n    s.connect((\"{host}\", {port})); print(\"connected\")\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, \"timeout\"))"
+    )
+}
+
+#[test]
+fn internet_egress_gives_an_address_the_host_reaches_and_nothing_else() {
+    in_private_netns(
+        "internet_egress_gives_an_address_the_host_reaches_and_nothing_else",
+        || async {
+            let net_dir = tempfile::tempdir()?;
+            let network = Arc::new(NetManager::new(NetConfig::new(net_dir.path())).await?);
+            let gateway = network.gateway();
+            let env = TestEnv::with_network("net", network)?;
+            let mut a = env.spec("a");
+            a.egress = Egress::Internet;
+            let mut b = env.spec("b");
+            b.egress = Egress::Internet;
+            let a_addr = env.driver.create(a).await?.address.expect("address of a");
+            let b_addr = env.driver.create(b).await?.address.expect("address of b");
+            assert_ne!(a_addr, b_addr);
+
+            // A server inside a, on all its addresses.
+            let server = "import socket\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind((\"0.0.0.0\", 8080)); s.listen()\nwhile True:\n    c, _ = s.accept(); c.sendall(b\"hi\"); c.close()";
+            let out = env.sh("a", &format!("python3 -c '{server}' >/dev/null 2>&1 &")).await?;
+            assert!(out.ok(), "{out:?}");
+
+            // The host (the proxy's side) reaches it on its address.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(mut stream) = std::net::TcpStream::connect((a_addr, 8080)) {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut stream, &mut text)?;
+                    assert_eq!(text, "hi");
+                    break;
+                }
+                assert!(Instant::now() < deadline, "host cannot reach {a_addr}:8080");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+
+            // Neither the host's own services nor the other sandbox are reachable.
+            let host_service = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            let port = host_service.local_addr()?.port();
+            for (from, to, to_port) in [("a", gateway, port), ("b", a_addr, 8080)] {
+                let out = support::exec(
+                    &env.socket(from),
+                    "/usr/bin/python3",
+                    &["-c", &connect_probe(to, to_port)],
+                )
+                .await?;
+                assert_ne!(out.stdout.trim(), "connected", "{from} reached {to}:{to_port}");
+                assert!(!out.stdout.trim().is_empty(), "{out:?}");
+            }
+
+            // Destroy removes the host ends of the veths.
+            env.driver.destroy(&env.id("a")).await?;
+            env.driver.destroy(&env.id("b")).await?;
+            let veths: Vec<String> = std::fs::read_dir("/sys/class/net")?
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(hutch_net::VETH_PREFIX))
+                .collect();
+            assert!(veths.is_empty(), "{veths:?}");
+            Ok(())
+        },
+    );
+}
