@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use hutch_api::StartProcessRequest;
 use hutch_sandboxd::http::{AppState, router};
 use hutch_sandboxd::{ListenAddr, Listener, Supervisor, SupervisorConfig, serve};
 
@@ -38,10 +39,26 @@ struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "warn")]
     log_level: tracing::Level,
+    /// Processes started without a `user` run as this one (name, uid or
+    /// uid:gid). The driver sets it from the image's `User`.
+    #[arg(long, env = "HUTCH_USER")]
+    default_user: Option<String>,
+    /// The tag of the main command.
+    #[arg(long, default_value = "main")]
+    main_tag: String,
+    /// A command to start before sandboxd reports ready (the image's
+    /// entrypoint and cmd), tagged with `--main-tag`.
+    #[arg(last = true)]
+    main: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // HUTCH_USER is for sandboxd alone; the processes it starts must not
+    // inherit it.
+    // SAFETY: no other thread exists yet (the runtime is built below), so
+    // nothing can read the environment concurrently.
+    unsafe { std::env::remove_var("HUTCH_USER") };
     tracing_subscriber::fmt().with_max_level(args.log_level).with_writer(std::io::stderr).init();
     let runtime = if args.threads == 0 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
@@ -58,12 +75,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     // The supervisor installs the SIGCHLD handler; it must exist before
     // anything could fork.
-    let supervisor = Supervisor::start(SupervisorConfig {
+    let config = SupervisorConfig {
         output_limit: args.output_limit,
         max_exited: args.max_exited,
+        default_user: args.default_user.clone(),
         ..SupervisorConfig::default()
-    })
-    .context("starting the supervisor")?;
+    };
+    if let Some(user) = &config.default_user {
+        config.users.resolve(user).with_context(|| format!("--default-user {user:?}"))?;
+    }
+    let supervisor = Supervisor::start(config).context("starting the supervisor")?;
+    if let Some((command, args_)) = args.main.split_first() {
+        let request = StartProcessRequest {
+            command: command.clone(),
+            args: args_.to_vec(),
+            tag: Some(args.main_tag.clone()),
+            ..StartProcessRequest::default()
+        };
+        // Before readiness, so a sandbox whose main command cannot start
+        // fails its creation with this message instead of sitting idle.
+        supervisor
+            .start_process(request, None)
+            .await
+            .with_context(|| format!("starting the main command {command:?}"))?;
+    }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
 

@@ -39,6 +39,8 @@ pub struct SupervisorConfig {
     /// background children still write to the inherited pipes.
     pub drain_grace: Duration,
     pub users: UserDb,
+    /// Who processes run as when a request names no user.
+    pub default_user: Option<String>,
 }
 
 impl Default for SupervisorConfig {
@@ -49,6 +51,7 @@ impl Default for SupervisorConfig {
             max_exited_output: 64 << 20,
             drain_grace: Duration::from_millis(100),
             users: UserDb::default(),
+            default_user: None,
         }
     }
 }
@@ -350,7 +353,13 @@ impl Owner {
             }
             None => None,
         };
-        let user = request.user.as_deref().map(|u| self.config.users.resolve(u)).transpose()?;
+        // Resolved at each start, since /etc/passwd may change inside.
+        let user = request
+            .user
+            .as_deref()
+            .or(self.config.default_user.as_deref())
+            .map(|u| self.config.users.resolve(u))
+            .transpose()?;
         Ok(SpawnSpec {
             command: request.command.clone(),
             args: request.args.clone(),

@@ -163,3 +163,62 @@ async fn as_pid_1_shutdown_reaches_orphans_it_never_started() {
         assert!(markers.path().join(i.to_string()).exists(), "orphan {i} never got SIGTERM");
     }
 }
+
+#[tokio::test]
+async fn a_main_command_starts_before_readiness_as_the_default_user() {
+    let sandboxd = Sandboxd::start_with(&[
+        "--default-user",
+        "65534",
+        "--main-tag",
+        "app",
+        "--",
+        "sh",
+        "-c",
+        "echo main as $(id -u); exec sleep 100",
+    ]);
+    // Readiness (the listening line) comes after the main command started,
+    // so it is there at once.
+    let (status, info) = sandboxd.get("/processes/app").await;
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(info["status"], "running");
+    assert!(
+        eventually(Duration::from_secs(10), async || sandboxd.output("app").await.0
+            == b"main as 65534\n")
+        .await
+    );
+    assert_eq!(sandboxd.sh("id -u").await["stdout"], "65534\n");
+    let (_, as_root) =
+        sandboxd.post("/exec", json!({"command": "id", "args": ["-u"], "user": "0"})).await;
+    assert_eq!(as_root["stdout"], "0\n");
+}
+
+#[test]
+fn a_main_command_that_cannot_start_stops_sandboxd_with_a_clear_message() {
+    let output = Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+        .args(["--listen", "tcp:127.0.0.1:0", "--", "/no/such/program"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("starting the main command") && stderr.contains("/no/such/program"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "it must not announce readiness");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+        .args(["--listen", "tcp:127.0.0.1:0", "--default-user", "nosuchuser"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nosuchuser"));
+}
+
+#[tokio::test]
+async fn hutch_user_sets_the_default_user_and_is_not_inherited() {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sandboxd"));
+    command.args(["--listen", "tcp:127.0.0.1:0"]).env("HUTCH_USER", "65534:65534");
+    let sandboxd = Sandboxd::spawn(command);
+    let result = sandboxd.sh("id -u; id -g; env | grep -c HUTCH_USER || true").await;
+    assert_eq!(result["stdout"], "65534\n65534\n0\n");
+}
