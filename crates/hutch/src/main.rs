@@ -24,7 +24,8 @@ fn main() -> std::process::ExitCode {
     match Cli::parse().command {
         Command::Up => {
             eprintln!(
-                "hutch up: the platform (REST server on :8900, dataplane and proxy on :8095) is not built yet.\n\
+                "hutch up: the platform (REST server on :8900, dataplane and proxy on :8095) is not built yet\n\
+                 (its contract: docs/platform-api.md).\n\
                  What exists today:\n  \
                  - sandboxd, the daemon every sandbox runs as PID 1:\n      \
                  cargo run --release -p hutch-sandboxd -- --listen tcp:127.0.0.1:9501\n    \
