@@ -1,7 +1,8 @@
 //! Sandbox start-up and teardown against unshare, bwrap, crun and runc; then density.
 //!
 //! Run as root: `cargo bench -p hutch-isolate --bench isolate`
-//! Knobs: BENCH_ITERS (default 100), BENCH_DENSITY (idle sandboxes, default 1000),
+//! Knobs: BENCH_ITERS (default 100), BENCH_DENSITY (idle sandboxes, default 1000; 0
+//! skips the density run),
 //! HUTCH_SANDBOXD (a static sandboxd; built in release mode when unset).
 //!
 //! The bench re-executes itself under `unshare --net`, so the bridge and nft rules of
@@ -104,10 +105,25 @@ fn main() -> anyhow::Result<()> {
         Err(e) => eprintln!("runc skipped: {e:#}"),
     }
 
-    let (create, destroy) = runtime.block_on(bench_hutch(&driver, iters, Egress::None))?;
+    let host = |id| SandboxSpec::new(id);
+    let (create, destroy) = runtime.block_on(bench_hutch(&driver, iters, Egress::None, host))?;
     rows.push(("hutch-isolate (host image, egress none)", create, Some(destroy)));
-    let (create, destroy) = runtime.block_on(bench_hutch(&driver, iters, Egress::Internet))?;
+    let (create, destroy) =
+        runtime.block_on(bench_hutch(&driver, iters, Egress::Internet, host))?;
     rows.push(("hutch-isolate (host image, egress internet)", create, Some(destroy)));
+
+    // An imported busybox OCI image, idle like the host-image rows (its Cmd cleared, as
+    // a sandbox platform does), so the rows differ only in the root filesystem.
+    let image = runtime.block_on(support::image::import(
+        dir.path(),
+        "example.com/bench/busybox:1",
+        serde_json::json!({ "Env": ["PATH=/bin"], "WorkingDir": "/work", "Cmd": ["sh"] }),
+    ))?;
+    let oci = |id| SandboxSpec { command: None, ..SandboxSpec::from_image(id, &image) };
+    let (create, destroy) = runtime.block_on(bench_hutch(&driver, iters, Egress::None, oci))?;
+    rows.push(("hutch-isolate (OCI busybox image, egress none)", create, Some(destroy)));
+    let (create, destroy) = runtime.block_on(bench_hutch(&driver, iters, Egress::Internet, oci))?;
+    rows.push(("hutch-isolate (OCI busybox image, egress internet)", create, Some(destroy)));
 
     println!("\n## Start-up (n = {iters})\n");
     println!("| what | start p50 | start p99 | destroy p50 | destroy p99 |");
@@ -128,7 +144,9 @@ fn main() -> anyhow::Result<()> {
          the others run `true` to completion (their teardown is included)."
     );
 
-    runtime.block_on(bench_density(&driver, density))?;
+    if density > 0 {
+        runtime.block_on(bench_density(&driver, density))?;
+    }
     // The per-bench cgroup parents are ours to remove.
     let parents: Vec<std::path::PathBuf> = match driver.cgroup_layout() {
         hutch_isolate::CgroupLayout::V1 { parents } => {
@@ -150,13 +168,14 @@ async fn bench_hutch(
     driver: &Driver,
     iters: usize,
     egress: Egress,
+    spec: impl Fn(SandboxId) -> SandboxSpec,
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let mut create = Vec::with_capacity(iters);
     let mut destroy = Vec::with_capacity(iters);
     // Warm-up: page cache, cgroup parents, lazily built images.
     for i in 0..(iters + 5) {
         let id = SandboxId::new(format!("bench-{i}"))?;
-        let mut spec = SandboxSpec::new(id.clone());
+        let mut spec = spec(id.clone());
         spec.egress = egress;
         let start = Instant::now();
         driver.create(spec).await?;

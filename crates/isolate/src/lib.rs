@@ -45,6 +45,11 @@ pub use spec::{Egress, InvalidSandboxId, Limits, Rootfs, SandboxId, SandboxSpec}
 use spawn::{ChildFds, ChildPlan, STEP_BASE, Step};
 use state::{StateFile, proc_start_time};
 
+/// The tag sandboxd gives a sandbox's main command ([`SandboxSpec::command`]), so it
+/// is `GET /processes/main` in sandboxd's API.
+pub const MAIN_TAG: &str = "main";
+/// How much of sandboxd's log a failed create reports.
+const LOG_TAIL_BYTES: u64 = 4096;
 /// How long sandboxd gets to report readiness.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the kernel gets to tear down a killed sandbox before we give up.
@@ -101,6 +106,8 @@ pub enum CreateSandboxError {
     Unsupported { feature: &'static str },
     #[error("hostname {0:?} is not valid")]
     InvalidHostname(String),
+    #[error("working directory {0:?} is not an absolute path without '..'")]
+    InvalidWorkingDir(String),
     #[error("spec contains a NUL byte")]
     Nul(#[from] NulError),
     #[error("plan mounts")]
@@ -121,8 +128,10 @@ pub enum CreateSandboxError {
         #[source]
         source: io::Error,
     },
-    #[error("sandboxd exited before it was ready (see {log})")]
-    SandboxdExited { log: PathBuf },
+    /// sandboxd (or the main command it starts) failed; `output` is the end of its log,
+    /// which is removed with the rest of the failed sandbox.
+    #[error("sandboxd exited before it was ready: {output}")]
+    SandboxdExited { output: String },
     #[error("sandboxd was not ready within {0:?}")]
     ReadyTimeout(Duration),
     #[error("write sandbox state")]
@@ -622,17 +631,30 @@ impl Driver {
         if hostname.is_empty() || hostname.len() > 64 {
             return Err(CreateSandboxError::InvalidHostname(hostname));
         }
-        let mut env: Vec<(String, String)> = vec![
+        let defaults: Vec<(String, String)> = vec![
             ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
             ("HOME".into(), "/root".into()),
             ("HOSTNAME".into(), hostname.clone()),
         ];
+        let mut env = spec::merge_env(defaults, &spec.env);
         if let Some(user) = &spec.user {
+            // Last, so that the spec's user wins over a HUTCH_USER in its env.
+            env.retain(|(k, _)| k != "HUTCH_USER");
             env.push(("HUTCH_USER".into(), user.clone()));
         }
-        for (key, value) in &spec.env {
-            env.retain(|(k, _)| k != key);
-            env.push((key.clone(), value.clone()));
+        let workdir = spec.working_dir.as_deref().unwrap_or("/");
+        let workdir_ancestors = spec::working_dir_ancestors(workdir)
+            .ok_or_else(|| CreateSandboxError::InvalidWorkingDir(workdir.to_owned()))?;
+        let mut argv = vec![
+            "/.hutch/sandboxd",
+            "--listen",
+            "unix:/.hutch/run/sandboxd.sock",
+            "--ready-fd",
+            "3",
+        ];
+        if let Some(command) = &spec.command {
+            argv.extend(["--main-tag", MAIN_TAG, "--"]);
+            argv.extend(command.iter().map(String::as_str));
         }
         let plan = ChildPlan {
             ops,
@@ -649,18 +671,13 @@ impl Driver {
             caps_keep: spawn::default_caps_mask(),
             last_cap: self.last_cap,
             seccomp: self.seccomp.clone(),
-            workdir: CString::new(spec.working_dir.as_deref().unwrap_or("/"))?,
+            workdir: CString::new(workdir)?,
+            workdir_ancestors: workdir_ancestors
+                .into_iter()
+                .map(CString::new)
+                .collect::<Result<_, _>>()?,
             exe: CString::new("/.hutch/sandboxd")?,
-            argv: [
-                "/.hutch/sandboxd",
-                "--listen",
-                "unix:/.hutch/run/sandboxd.sock",
-                "--ready-fd",
-                "3",
-            ]
-            .into_iter()
-            .map(CString::new)
-            .collect::<Result<_, _>>()?,
+            argv: argv.into_iter().map(CString::new).collect::<Result<_, _>>()?,
             envp: env
                 .iter()
                 .map(|(k, v)| CString::new(format!("{k}={v}")))
@@ -760,9 +777,8 @@ impl Driver {
                 source: io::Error::from_raw_os_error(errno),
             });
         }
-        Err(CreateSandboxError::SandboxdExited {
-            log: self.sandbox_dir(id.as_str()).join("sandboxd.log"),
-        })
+        let log = self.sandbox_dir(id.as_str()).join("sandboxd.log");
+        Err(CreateSandboxError::SandboxdExited { output: log_tail(&log) })
     }
 
     /// Stops a sandbox: SIGTERM to PID 1, then after `grace` SIGKILL to it and to every
@@ -1055,6 +1071,23 @@ fn remove(path: &Path, op: fn(&Path) -> io::Result<()>) -> Result<(), TeardownEr
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(TeardownError::Remove { path: path.to_owned(), source }),
+    }
+}
+
+/// The last [`LOG_TAIL_BYTES`] of a log, trimmed, for an error message.
+fn log_tail(path: &Path) -> String {
+    let read = || -> io::Result<String> {
+        let mut file = fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        io::Seek::seek(&mut file, io::SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut file, &mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
+    };
+    match read() {
+        Ok(text) if text.is_empty() => "(no output)".to_owned(),
+        Ok(text) => text,
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
     }
 }
 

@@ -8,7 +8,7 @@
 //! close-on-exec pipe, so the parent learns both that and where it failed; a successful
 //! `execve` closes the pipe.
 
-use std::ffi::{CString, c_char, c_int, c_ulong};
+use std::ffi::{CString, c_char, c_int, c_uint, c_ulong};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -118,6 +118,10 @@ pub(crate) struct ChildPlan {
     pub last_cap: u32,
     pub seccomp: Vec<BpfProgram>,
     pub workdir: CString,
+    /// Directories created (root-owned, 0755, an existing one is fine) before the
+    /// chdir to `workdir`, parents first. They are made after pivot_root, so a symlink
+    /// in the image resolves inside the sandbox's root and never onto the host.
+    pub workdir_ancestors: Vec<CString>,
     pub exe: CString,
     pub argv: Vec<CString>,
     pub envp: Vec<CString>,
@@ -275,6 +279,32 @@ unsafe fn child_main(raw: &RawChild<'_>) -> ! {
     let [stdin, log, ready_w, sync_r, moved_err] = fds;
     err_fd = moved_err;
 
+    // Close every other descriptor above stderr. The clone copied all of the parent's,
+    // close-on-exec or not, and we hold them until exec: a pipe another thread of the
+    // parent was writing to a helper's stdin (nft) would then never see EOF, while the
+    // parent waits for that helper before releasing us. Sorted on the stack: the child
+    // cannot allocate.
+    let mut keep = fds;
+    for i in 1..keep.len() {
+        let mut j = i;
+        while j > 0 && keep[j - 1] > keep[j] {
+            keep.swap(j - 1, j);
+            j -= 1;
+        }
+    }
+    let mut first: c_uint = 3;
+    for fd in keep {
+        let fd = fd as c_uint;
+        if fd > first {
+            // SAFETY: close_range on descriptors of this process that nothing in the
+            // child uses; failure would only leave them open, as before.
+            unsafe { libc::syscall(libc::SYS_close_range, first, fd - 1, 0) };
+        }
+        first = fd + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, first, c_uint::MAX, 0) };
+
     // SAFETY: umask has no preconditions.
     unsafe { libc::umask(0o022) };
 
@@ -350,7 +380,13 @@ unsafe fn child_main(raw: &RawChild<'_>) -> ! {
             fail(err_fd, STEP_BASE + Step::SyncWait as u32, errno());
         }
         check!(STEP_BASE + Step::CgroupNamespace as u32, libc::unshare(libc::CLONE_NEWCGROUP));
-        check!(STEP_BASE + Step::Chdir as u32, libc::chdir(plan.workdir.as_ptr()));
+        let chdir = STEP_BASE + Step::Chdir as u32;
+        for dir in &plan.workdir_ancestors {
+            if libc::mkdir(dir.as_ptr(), 0o755) < 0 && errno() != libc::EEXIST {
+                fail(err_fd, chdir, errno());
+            }
+        }
+        check!(chdir, libc::chdir(plan.workdir.as_ptr()));
         check!(STEP_BASE + Step::Setsid as u32, libc::setsid());
 
         let stdio = STEP_BASE + Step::Stdio as u32;

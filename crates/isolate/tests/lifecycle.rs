@@ -98,11 +98,18 @@ async fn a_failing_child_reports_its_step_and_leaves_nothing() -> anyhow::Result
     let env = TestEnv::new("fail")?;
     let before = artefacts(&env);
     let mut spec = env.spec("bad");
-    spec.working_dir = Some("/does/not/exist".into());
+    // A missing working directory is created, as Docker does; a file cannot be one.
+    spec.working_dir = Some("/etc/passwd".into());
     let err = env.driver.create(spec).await.unwrap_err();
     let CreateSandboxError::Child { step, source } = &err else { panic!("{err:?}") };
     assert_eq!(step, "Chdir");
-    assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(source.raw_os_error(), Some(libc::ENOTDIR));
+    assert_eq!(artefacts(&env), before);
+
+    let mut spec = env.spec("relative");
+    spec.working_dir = Some("work/../..".into());
+    let err = env.driver.create(spec).await.unwrap_err();
+    assert!(matches!(err, CreateSandboxError::InvalidWorkingDir(_)), "{err:?}");
     assert_eq!(artefacts(&env), before);
     Ok(())
 }

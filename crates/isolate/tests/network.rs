@@ -68,7 +68,7 @@ fn internet_egress_gives_an_address_the_host_reaches_and_nothing_else() {
             let net_dir = tempfile::tempdir()?;
             let network = Arc::new(NetManager::new(NetConfig::new(net_dir.path())).await?);
             let gateway = network.gateway();
-            let env = TestEnv::with_network("net", network)?;
+            let env = TestEnv::with_network("net", network.clone())?;
             let mut a = env.spec("a");
             a.egress = Egress::Internet;
             let mut b = env.spec("b");
@@ -112,6 +112,8 @@ fn internet_egress_gives_an_address_the_host_reaches_and_nothing_else() {
             // Destroy removes the host ends of the veths.
             env.driver.destroy(&env.id("a")).await?;
             env.driver.destroy(&env.id("b")).await?;
+            // Network removal finishes in the background after destroy.
+            network.settle().await;
             let veths: Vec<String> = std::fs::read_dir("/sys/class/net")?
                 .filter_map(|e| e.ok()?.file_name().into_string().ok())
                 .filter(|n| n.starts_with(hutch_net::VETH_PREFIX))

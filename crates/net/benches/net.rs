@@ -120,9 +120,11 @@ async fn bench() -> Result<()> {
             let id = format!("warm-{i}");
             manager.attach(&id, &path, egress).await?;
             manager.detach(&id).await?;
+            manager.settle().await;
         }
         let mut attach = Vec::with_capacity(cycles);
         let mut detach = Vec::with_capacity(cycles);
+        let mut settled = Vec::with_capacity(cycles);
         let mut reachable = Vec::with_capacity(cycles);
         for i in 0..cycles {
             let id = format!("bench-{i}");
@@ -145,6 +147,9 @@ async fn bench() -> Result<()> {
             let started = Instant::now();
             manager.detach(&id).await?;
             detach.push(started.elapsed());
+            // The next cycle reuses the namespace, and with it the name eth0.
+            manager.settle().await;
+            settled.push(started.elapsed());
         }
         let label = match egress {
             Egress::None => "none",
@@ -152,10 +157,57 @@ async fn bench() -> Result<()> {
         };
         report(&format!("attach ({label})"), attach);
         report(&format!("detach ({label})"), detach);
+        report(&format!("detach -> removal settled ({label})"), settled);
         if !reachable.is_empty() {
             report(&format!("attach -> host connects to sandbox ({label})"), reachable);
         }
     }
+    // As the driver uses it: a fresh namespace per sandbox, which dies (its last
+    // process exits) before detach. Settling after each cycle keeps the rows
+    // comparable; the driver does not wait for it.
+    let mut attach = Vec::with_capacity(cycles);
+    let mut detach = Vec::with_capacity(cycles);
+    let mut settled = Vec::with_capacity(cycles);
+    let mut unshare = Vec::with_capacity(cycles);
+    for i in 0..cycles {
+        let id = format!("fresh-{i}");
+        let started = Instant::now();
+        let sandbox = new_netns()?;
+        unshare.push(started.elapsed());
+        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", sandbox.as_raw_fd()));
+        let started = Instant::now();
+        manager.attach(&id, &path, Egress::Internet).await?;
+        attach.push(started.elapsed());
+        drop(sandbox);
+        let started = Instant::now();
+        manager.detach(&id).await?;
+        detach.push(started.elapsed());
+        manager.settle().await;
+        settled.push(started.elapsed());
+    }
+    report("attach (internet, fresh netns)", attach);
+    report("detach (internet, netns gone)", detach);
+    report("detach -> removal settled (netns gone)", settled);
+    report("new netns (a thread's unshare) in that loop", unshare);
+    // The same back to back without waiting for the removals, as the driver
+    // runs: the kernel still cleans up the previous namespaces meanwhile.
+    let mut attach = Vec::with_capacity(cycles);
+    let mut unshare = Vec::with_capacity(cycles);
+    for i in 0..cycles {
+        let id = format!("busy-{i}");
+        let started = Instant::now();
+        let sandbox = new_netns()?;
+        unshare.push(started.elapsed());
+        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", sandbox.as_raw_fd()));
+        let started = Instant::now();
+        manager.attach(&id, &path, Egress::Internet).await?;
+        attach.push(started.elapsed());
+        drop(sandbox);
+        manager.detach(&id).await?;
+    }
+    manager.settle().await;
+    report("new netns, back to back without settling", unshare);
+    report("attach (internet), back to back without settling", attach);
     manager.teardown().await?;
     Ok(())
 }

@@ -30,8 +30,11 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
 
 pub use crate::ipnet::{Ipv4Net, ParseIpv4NetError};
 pub use crate::lease::LeaseError;
@@ -45,10 +48,13 @@ pub use crate::nft::NftError;
 use crate::lease::LeaseStore;
 use crate::link::{HostNetlink, SandboxInterface, configure_namespace};
 use crate::nft::Nft;
-use crate::rules::{Policy, SandboxRule};
+use crate::rules::Policy;
 
 /// How long attach waits for the kernel to report the sandbox's veth up.
 const LINK_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a removal leaves the veth of a sandbox whose namespace is gone to
+/// the kernel before deleting it itself.
+const NAMESPACE_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a sandbox may reach beyond its own loopback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,20 +215,55 @@ pub enum NetTeardownError {
 /// the lease directory.
 ///
 /// Must be created and used inside a tokio runtime with I/O and time enabled
-/// (its netlink connection runs as a task on it), from threads in the host's
-/// network namespace.
+/// (its netlink connection and its background removals run as tasks on it),
+/// from threads in the host's network namespace.
 #[derive(Debug)]
 pub struct NetManager {
+    inner: Arc<Inner>,
+}
+
+/// What attach, detach and the background removals share.
+#[derive(Debug)]
+struct Inner {
     config: NetConfig,
     gateway: Ipv4Addr,
     bridge_index: u32,
     netlink: HostNetlink,
     nft: Nft,
     leases: LeaseStore,
-    // Handles of each attached sandbox's rules, as nft echoed them, so that
-    // detach need not list the ruleset. A cache: the ruleset is the truth, and
-    // a manager started later finds rules by their comments instead.
-    rule_handles: Mutex<HashMap<String, Vec<SandboxRule>>>,
+    // Ids whose removal runs in the background. A std mutex: it is held only
+    // for a set insert, remove or look-up, never across an await.
+    removing: Mutex<HashSet<String>>,
+    // Woken whenever a background removal finishes.
+    removed: Notify,
+    // The namespace each attached sandbox was attached in, so that a removal
+    // can tell whether the kernel is about to delete the veth itself. A hint:
+    // without it, the veth is deleted explicitly.
+    namespaces: Mutex<HashMap<String, NamespaceRef>>,
+}
+
+/// Where a sandbox's network namespace was, and which namespace it was.
+#[derive(Debug, Clone)]
+struct NamespaceRef {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl NamespaceRef {
+    fn of(path: &Path, namespace: &File) -> Option<Self> {
+        let metadata = namespace.metadata().ok()?;
+        Some(NamespaceRef { path: path.to_owned(), dev: metadata.dev(), ino: metadata.ino() })
+    }
+
+    /// Whether the path still leads to the same namespace. `/proc/<pid>/ns/net`
+    /// stops doing so when the process exits, and a sandbox's namespace dies
+    /// with its last process (the driver's sandbox init, after which the
+    /// kernel kills the rest of its pid namespace).
+    fn is_reachable(&self) -> bool {
+        std::fs::metadata(&self.path)
+            .is_ok_and(|metadata| metadata.dev() == self.dev && metadata.ino() == self.ino)
+    }
 }
 
 fn write_sysctl(path: &str, value: &str, missing_ok: bool) -> Result<(), NetSetupError> {
@@ -274,47 +315,36 @@ impl NetManager {
             true,
         )?;
         write_sysctl("/proc/sys/net/ipv4/ip_forward", "1", false)?;
-        let manager = NetManager {
+        let inner = Inner {
             config,
             gateway,
             bridge_index,
             netlink,
             nft,
             leases,
-            rule_handles: Mutex::new(HashMap::new()),
+            removing: Mutex::new(HashSet::new()),
+            removed: Notify::new(),
+            namespaces: Mutex::new(HashMap::new()),
         };
-        manager.nft.apply(rules::base_ruleset(&manager.policy())).await?;
-        Ok(manager)
-    }
-
-    fn policy(&self) -> Policy<'_> {
-        Policy {
-            table: &self.config.nft_table,
-            bridge: &self.config.bridge,
-            subnet: self.config.subnet,
-            blocked_destinations: &self.config.blocked_destinations,
-        }
-    }
-
-    fn rule_handles(&self) -> MutexGuard<'_, HashMap<String, Vec<SandboxRule>>> {
-        // Every update is a single insert or remove, so a poisoned map is intact.
-        self.rule_handles.lock().unwrap_or_else(|poison| poison.into_inner())
+        inner.nft.apply(rules::base_ruleset(&inner.policy())).await?;
+        Ok(NetManager { inner: Arc::new(inner) })
     }
 
     pub fn config(&self) -> &NetConfig {
-        &self.config
+        &self.inner.config
     }
 
     /// The bridge's address, the sandboxes' default gateway.
     pub fn gateway(&self) -> Ipv4Addr {
-        self.gateway
+        self.inner.gateway
     }
 
     /// Sets up networking inside the network namespace at `netns` (for example
     /// `/proc/<pid>/ns/net`): loopback always; for [`Egress::Internet`] also the
     /// veth pair, the leased address, the default route and the sandbox's nft
     /// rules. Attaching an attached sandbox again replaces its veth and rules
-    /// and keeps its address.
+    /// and keeps its address; attaching a sandbox whose detach still runs in
+    /// the background first waits for it.
     pub async fn attach(
         &self,
         sandbox_id: &str,
@@ -332,16 +362,22 @@ impl NetManager {
                 Ok(SandboxNet { address: None, gateway: None, host_interface: None })
             }
             Egress::Internet => {
-                if self.leases.get(sandbox_id).is_some() {
-                    self.remove(sandbox_id)
+                self.inner.removal_finished(Some(sandbox_id)).await;
+                let inner = &self.inner;
+                if inner.leases.get(sandbox_id).is_some() {
+                    inner
+                        .remove(sandbox_id)
                         .await
                         .map_err(|error| AttachNetworkError::Stale(Box::new(error)))?;
                 }
-                let address = self.leases.acquire(sandbox_id)?;
-                match self.attach_internet(sandbox_id, namespace, address).await {
+                let address = inner.leases.acquire(sandbox_id)?;
+                if let Some(reference) = NamespaceRef::of(netns, &namespace) {
+                    inner.namespaces().insert(sandbox_id.to_owned(), reference);
+                }
+                match inner.attach_internet(sandbox_id, namespace, address).await {
                     Ok(net) => Ok(net),
                     Err(error) => {
-                        if let Err(cleanup) = self.remove(sandbox_id).await {
+                        if let Err(cleanup) = inner.remove(sandbox_id).await {
                             tracing::warn!(
                                 sandbox_id,
                                 error = &cleanup as &dyn std::error::Error,
@@ -355,6 +391,121 @@ impl NetManager {
         }
     }
 
+    /// Starts removing the sandbox's veth, nft rules, neighbour entry and lease
+    /// in the background and returns at once; [`NetManager::settle`] waits for
+    /// it. Idempotent: detaching a sandbox that has no network (or no longer
+    /// has one, or is being detached) succeeds.
+    ///
+    /// The sandbox's address stays leased until everything else is gone, so it
+    /// is never handed to another sandbox early; a removal that fails (it is
+    /// logged) or is cut short by a crash leaves the lease, and with it the
+    /// sandbox's remains, to [`NetManager::sweep`] or to the next attach of
+    /// the same id. The sandbox's `eth0` also stays in its namespace until the
+    /// removal finished, so a namespace that outlives its sandbox can be
+    /// attached under another id only after [`NetManager::settle`].
+    ///
+    /// When the namespace the sandbox was attached in is gone (its path, e.g.
+    /// `/proc/<pid>/ns/net`, no longer leads to it), the removal leaves the
+    /// veth pair to the kernel, which deletes it with the namespace, and only
+    /// waits for it to disappear (deleting it itself after 2 s).
+    pub async fn detach(&self, sandbox_id: &str) -> Result<(), DetachNetworkError> {
+        validate_sandbox_id(sandbox_id)?;
+        // Invariant: a sandbox's veth and rules exist only while its lease does
+        // (attach leases first, removal releases last), so no lease, nothing to do.
+        if self.inner.leases.get(sandbox_id).is_none() {
+            return Ok(());
+        }
+        if !self.inner.removing().insert(sandbox_id.to_owned()) {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.inner);
+        let sandbox_id = sandbox_id.to_owned();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = inner.remove(&sandbox_id).await;
+            inner.removing().remove(&sandbox_id);
+            inner.removed.notify_waiters();
+            match result {
+                Ok(()) => tracing::debug!(
+                    sandbox_id,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "sandbox network removed"
+                ),
+                Err(error) => tracing::warn!(
+                    sandbox_id,
+                    error = &error as &dyn std::error::Error,
+                    "cannot remove a detached sandbox's network; sweep will"
+                ),
+            }
+        });
+        Ok(())
+    }
+
+    /// Waits until every background removal started by [`NetManager::detach`]
+    /// before this call has finished.
+    pub async fn settle(&self) {
+        self.inner.removal_finished(None).await;
+    }
+
+    /// Removes veths, nft rules and leases of every sandbox not in `live`, for
+    /// example what a crashed dataplane left behind. Waits for background
+    /// removals first.
+    pub async fn sweep(&self, live: &HashSet<String>) -> Result<NetSweepReport, NetSweepError> {
+        self.settle().await;
+        self.inner.sweep(live).await
+    }
+
+    /// Removes every sandbox network, the nft tables and the bridge. For tests
+    /// and uninstall; sandboxes lose their network.
+    pub async fn teardown(&self) -> Result<(), NetTeardownError> {
+        self.sweep(&HashSet::new()).await?;
+        let inner = &self.inner;
+        inner.nft.apply(rules::delete_tables(&inner.config.nft_table)).await?;
+        inner.netlink.delete_link(&inner.config.bridge).await?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn policy(&self) -> Policy<'_> {
+        Policy {
+            table: &self.config.nft_table,
+            bridge: &self.config.bridge,
+            subnet: self.config.subnet,
+            blocked_destinations: &self.config.blocked_destinations,
+        }
+    }
+
+    fn namespaces(&self) -> MutexGuard<'_, HashMap<String, NamespaceRef>> {
+        // Every update is a single insert or remove, so a poisoned map is intact.
+        self.namespaces.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn removing(&self) -> MutexGuard<'_, HashSet<String>> {
+        // Every update is a single insert or remove, so a poisoned set is intact.
+        self.removing.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Waits until no background removal of `sandbox_id` (of any sandbox for
+    /// `None`) is running.
+    async fn removal_finished(&self, sandbox_id: Option<&str>) {
+        loop {
+            let notified = self.removed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a removal finishing in between
+            // still wakes us.
+            notified.as_mut().enable();
+            let busy = match sandbox_id {
+                Some(id) => self.removing().contains(id),
+                None => !self.removing().is_empty(),
+            };
+            if !busy {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     async fn attach_internet(
         &self,
         sandbox_id: &str,
@@ -362,26 +513,27 @@ impl NetManager {
         address: Ipv4Addr,
     ) -> Result<SandboxNet, AttachNetworkError> {
         let veth = veth_name(sandbox_id);
-        // A veth of a crashed earlier attempt would make creation fail; it
-        // belongs to this sandbox id by its name.
-        self.netlink.delete_link(&veth).await?;
-        self.netlink.create_sandbox_veth(&veth, self.bridge_index, &namespace, address).await?;
-        let interface = SandboxInterface {
-            address,
-            prefix_len: self.config.subnet.prefix_len(),
-            gateway: self.gateway,
-        };
         let rules = rules::sandbox_rules(&self.policy(), sandbox_id, &veth, address);
-        // Independent: one runs on a thread inside the sandbox's namespace, the
-        // other in an `nft` child process.
-        let (inside, echo) = tokio::join!(
-            configure_namespace(namespace, Some(interface)),
-            self.nft.apply_echo(rules)
-        );
-        let echo = echo?;
-        let added = rules::sandbox_rules_in_listing(&echo, &self.config.nft_table);
-        self.rule_handles().insert(sandbox_id.to_owned(), added);
-        inside?;
+        // The rules match the veth by name and address, so they can go in
+        // before the veth exists; the `nft` child process, the slowest step,
+        // runs while the links are set up over netlink and inside the
+        // namespace on a thread of its own.
+        let links = async {
+            // A veth of a crashed earlier attempt would make creation fail; it
+            // belongs to this sandbox id by its name.
+            self.netlink.delete_link(&veth).await?;
+            self.netlink.create_sandbox_veth(&veth, self.bridge_index, &namespace, address).await?;
+            let interface = SandboxInterface {
+                address,
+                prefix_len: self.config.subnet.prefix_len(),
+                gateway: self.gateway,
+            };
+            configure_namespace(namespace, Some(interface)).await?;
+            Ok::<_, AttachNetworkError>(())
+        };
+        let (links, nft) = tokio::join!(links, self.nft.apply(rules));
+        nft?;
+        links?;
         if !self.netlink.wait_until_up(&veth, LINK_UP_TIMEOUT).await? {
             // Not an error: the sandbox works once the kernel catches up.
             tracing::warn!(sandbox_id, veth, "veth not operationally up after attach");
@@ -393,23 +545,23 @@ impl NetManager {
         })
     }
 
-    /// Removes the sandbox's veth, nft rules and lease. Idempotent: detaching a
-    /// sandbox that has no network (or no longer has one) succeeds.
-    pub async fn detach(&self, sandbox_id: &str) -> Result<(), DetachNetworkError> {
-        validate_sandbox_id(sandbox_id)?;
-        // Invariant: a sandbox's veth and rules exist only while its lease does
-        // (attach leases first, detach releases last), so no lease, nothing to do.
-        if self.leases.get(sandbox_id).is_none() {
-            return Ok(());
-        }
-        self.remove(sandbox_id).await
-    }
-
     async fn remove(&self, sandbox_id: &str) -> Result<(), DetachNetworkError> {
         let veth = veth_name(sandbox_id);
+        let namespace = self.namespaces().remove(sandbox_id);
+        let namespace_gone = namespace.is_some_and(|namespace| !namespace.is_reachable());
+        let link = async {
+            // When the namespace is gone, the kernel deletes the veth pair as it
+            // cleans the namespace up, together with every other namespace that
+            // died meanwhile; deleting it here as well would only compete with
+            // that for the rtnl lock, which sandbox creation needs too.
+            if namespace_gone && self.netlink.wait_until_gone(&veth, NAMESPACE_EXIT_TIMEOUT).await?
+            {
+                return Ok(false);
+            }
+            self.netlink.delete_link(&veth).await
+        };
         // Independent, and deleting a veth waits for an RCU grace period.
-        let (rules, link) =
-            tokio::join!(self.remove_rules(sandbox_id), self.netlink.delete_link(&veth));
+        let (rules, link) = tokio::join!(self.remove_rules(sandbox_id), link);
         rules?;
         link?;
         if let Some(address) = self.leases.get(sandbox_id) {
@@ -420,19 +572,9 @@ impl NetManager {
     }
 
     async fn remove_rules(&self, sandbox_id: &str) -> Result<(), NftError> {
-        // An empty echo (an nft that does not echo handles) proves nothing.
-        let cached = self.rule_handles().remove(sandbox_id).filter(|rules| !rules.is_empty());
-        if let Some(cached) = cached {
-            match self.nft.apply(rules::delete_rules(&self.config.nft_table, &cached)).await {
-                Ok(()) => return Ok(()),
-                // Someone changed the ruleset under us; fall back to the listing.
-                Err(error) => tracing::debug!(
-                    sandbox_id,
-                    error = &error as &dyn std::error::Error,
-                    "cannot delete rules by their cached handles"
-                ),
-            }
-        }
+        // Rules are found by their comments: attach does not ask nft to echo
+        // their handles, which would make the `nft` run on the create path
+        // about twice as slow.
         let listing = self.nft.list().await?;
         let stale: Vec<_> = rules::sandbox_rules_in_listing(&listing, &self.config.nft_table)
             .into_iter()
@@ -441,9 +583,7 @@ impl NetManager {
         self.nft.apply(rules::delete_rules(&self.config.nft_table, &stale)).await
     }
 
-    /// Removes veths, nft rules and leases of every sandbox not in `live`, for
-    /// example what a crashed dataplane left behind.
-    pub async fn sweep(&self, live: &HashSet<String>) -> Result<NetSweepReport, NetSweepError> {
+    async fn sweep(&self, live: &HashSet<String>) -> Result<NetSweepReport, NetSweepError> {
         let mut report = NetSweepReport::default();
         let listing = self.nft.list().await?;
         let stale: Vec<_> = rules::sandbox_rules_in_listing(&listing, &self.config.nft_table)
@@ -451,7 +591,7 @@ impl NetManager {
             .filter(|rule| !live.contains(&rule.sandbox_id))
             .collect();
         report.rules_removed = stale.len();
-        self.rule_handles().retain(|id, _| live.contains(id));
+        self.namespaces().retain(|id, _| live.contains(id));
         self.nft.apply(rules::delete_rules(&self.config.nft_table, &stale)).await?;
         let live_veths: HashSet<String> = live.iter().map(|id| veth_name(id)).collect();
         for name in self.netlink.link_names_with_prefix(VETH_PREFIX).await? {
@@ -471,15 +611,6 @@ impl NetManager {
         report.veths_removed.sort();
         report.leases_released.sort();
         Ok(report)
-    }
-
-    /// Removes every sandbox network, the nft tables and the bridge. For tests
-    /// and uninstall; sandboxes lose their network.
-    pub async fn teardown(&self) -> Result<(), NetTeardownError> {
-        self.sweep(&HashSet::new()).await?;
-        self.nft.apply(rules::delete_tables(&self.config.nft_table)).await?;
-        self.netlink.delete_link(&self.config.bridge).await?;
-        Ok(())
     }
 }
 

@@ -256,6 +256,25 @@ impl HostNetlink {
         }
     }
 
+    /// Waits until no link is called `name`, polling until `timeout`; `false`
+    /// if there still is one.
+    pub(crate) async fn wait_until_gone(
+        &self,
+        name: &str,
+        timeout: std::time::Duration,
+    ) -> Result<bool, NetlinkError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.link_index(name).await?.is_none() {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
     /// Deletes a link by name; `false` when there was none.
     pub(crate) async fn delete_link(&self, name: &str) -> Result<bool, NetlinkError> {
         let Some(index) = self.link_index(name).await? else {

@@ -196,6 +196,7 @@ fn detach_and_sweep_leave_no_veth_rule_or_lease_behind() {
 
         manager.detach("sb-a").await?;
         manager.detach("sb-a").await?;
+        manager.settle().await;
         ensure!(!sandbox_rule_comments()?.iter().any(|c| c == "hutch:sb-a"));
         ensure!(!links_here().await?.iter().any(|(name, _)| *name == veth_name("sb-a")));
         ensure!(lease_files(&state)? == ["sb-b", "sb-c"]);
@@ -241,6 +242,68 @@ fn detach_and_sweep_leave_no_veth_rule_or_lease_behind() {
 }
 
 #[test]
+fn detach_returns_before_the_removal_and_a_new_attach_of_the_id_waits_for_it() {
+    in_private_netns(
+        "detach_returns_before_the_removal_and_a_new_attach_of_the_id_waits_for_it",
+        || async {
+            let state = tempfile::tempdir()?;
+            let manager = manager(&state).await?;
+            let outside = outside_network().await?;
+            let internet = serve_peer_address(Some(&outside), addr(OUTSIDE, 0))?;
+            let first = Netns::new()?;
+            let address = manager.attach("sb-1", &first.path(), Egress::Internet).await?.address;
+
+            manager.detach("sb-1").await?;
+            // Whether or not the removal is still running, both attaches work
+            // and get distinct addresses.
+            let other = Netns::new()?;
+            let other_address =
+                manager.attach("sb-2", &other.path(), Egress::Internet).await?.address;
+            let second = Netns::new()?;
+            let again = manager.attach("sb-1", &second.path(), Egress::Internet).await?;
+
+            ensure!(again.address.is_some() && again.address != other_address);
+            ensure!(address.is_some());
+            probe(Some(&second), internet)?;
+            probe(Some(&other), internet)?;
+            ensure!(sandbox_rule_comments()?.len() == 6);
+            ensure!(lease_files(&state)? == ["sb-1", "sb-2"]);
+            manager.detach("sb-1").await?;
+            manager.detach("sb-2").await?;
+            manager.settle().await;
+            ensure!(sandbox_rule_comments()?.is_empty());
+            ensure!(lease_files(&state)?.is_empty());
+            ensure!(permanent_neighbours_here().await?.is_empty());
+            Ok(())
+        },
+    )
+}
+
+#[test]
+fn a_sandbox_whose_namespace_died_is_removed_completely() {
+    in_private_netns("a_sandbox_whose_namespace_died_is_removed_completely", || async {
+        let state = tempfile::tempdir()?;
+        let manager = manager(&state).await?;
+        let host_links = links_here().await?;
+        let sandbox = Netns::new()?;
+        manager.attach("sb-1", &sandbox.path(), Egress::Internet).await?;
+        ensure!(links_here().await?.len() == host_links.len() + 1);
+
+        // The last reference: the namespace dies, and the kernel deletes the
+        // veth pair on its own.
+        drop(sandbox);
+        manager.detach("sb-1").await?;
+        manager.settle().await;
+
+        ensure!(links_here().await? == host_links);
+        ensure!(sandbox_rule_comments()?.is_empty());
+        ensure!(lease_files(&state)?.is_empty());
+        ensure!(permanent_neighbours_here().await?.is_empty());
+        Ok(())
+    });
+}
+
+#[test]
 fn attaching_again_keeps_the_address_and_replaces_the_rules() {
     in_private_netns("attaching_again_keeps_the_address_and_replaces_the_rules", || async {
         let state = tempfile::tempdir()?;
@@ -270,6 +333,7 @@ fn two_hundred_attach_detach_cycles_leak_nothing() {
         // Warm up lazily created runtime resources before taking the baseline.
         manager.attach("warm-up", &sandbox.path(), Egress::Internet).await?;
         manager.detach("warm-up").await?;
+        manager.settle().await;
         let host_links = links_here().await?;
         let fds = open_fds()?;
 
@@ -278,6 +342,8 @@ fn two_hundred_attach_detach_cycles_leak_nothing() {
                 let id = format!("cycle-{cycle}-{egress:?}");
                 manager.attach(&id, &sandbox.path(), egress).await?;
                 manager.detach(&id).await?;
+                // The next cycle reuses the namespace, and so the name eth0.
+                manager.settle().await;
             }
         }
 
@@ -336,6 +402,7 @@ fn a_reused_address_is_reachable_at_once() {
         probe(None, addr(address, server.port()))?;
         probe(Some(&first), internet)?;
         manager.detach("sb-1").await?;
+        manager.settle().await;
 
         let second = Netns::new()?;
         let reused = manager.attach("sb-2", &second.path(), Egress::Internet).await?.address;
@@ -364,6 +431,7 @@ fn detach_finds_rules_by_comment_when_the_ruleset_changed_underneath() {
             ensure!(sandbox_rule_comments()?.len() == 2);
 
             manager.detach("sb-1").await?;
+            manager.settle().await;
 
             ensure!(sandbox_rule_comments()?.is_empty());
             ensure!(lease_files(&state)?.is_empty());
@@ -401,6 +469,7 @@ fn concurrent_attaches_get_distinct_working_addresses() {
             .await
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
+        manager.settle().await;
         ensure!(sandbox_rule_comments()?.is_empty());
         ensure!(lease_files(&state)?.is_empty());
         Ok(())
@@ -440,6 +509,7 @@ fn a_sandbox_is_reachable_from_the_host_as_soon_as_attach_returns() {
                 started.elapsed()
             );
             manager.detach(&id).await?;
+            manager.settle().await;
         }
         Ok(())
     });

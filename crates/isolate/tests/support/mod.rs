@@ -2,6 +2,8 @@
 //! parent, a static sandboxd, and an HTTP/1.1 client over sandboxd's unix socket.
 #![allow(dead_code)]
 
+pub mod image;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
