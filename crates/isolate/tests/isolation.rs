@@ -77,12 +77,6 @@ async fn host_filesystem_cannot_be_written_and_secrets_are_absent() -> anyhow::R
 
 /// Probes dangerous syscalls with ctypes and prints `name errno` for each.
 const SYSCALL_PROBE: &str = r#"
-import ctypes, os
-libc = ctypes.CDLL(None, use_errno=True)
-def probe(name, nr, *args):
-    ctypes.set_errno(0)
-    ret = libc.syscall(nr, *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
-    print(name, ret, ctypes.get_errno())
 probe("mount", 165, b"none", b"/tmp", b"tmpfs", 0, None)
 probe("umount2", 166, b"/proc", 2)
 probe("unshare_user", 272, 0x10000000)
@@ -117,7 +111,12 @@ probe("clone3", 435, 0, 0)
 async fn dangerous_syscalls_are_refused() -> anyhow::Result<()> {
     let env = TestEnv::new("syscalls")?;
     env.driver.create(env.spec("sys")).await?;
-    let out = support::exec(&env.socket("sys"), "/usr/bin/python3", &["-c", SYSCALL_PROBE]).await?;
+    let out = support::exec(
+        &env.socket("sys"),
+        "/usr/bin/python3",
+        &["-c", &probe_script(SYSCALL_PROBE)],
+    )
+    .await?;
     assert!(out.ok(), "{out:?}");
     let mut seen = 0;
     for line in out.stdout.lines() {
@@ -141,12 +140,6 @@ async fn dangerous_syscalls_are_refused() -> anyhow::Result<()> {
 /// call the filter wrongly let through fails in the kernel with another errno, or does
 /// nothing harmful.
 const OUTSIDE_ALLOW_LIST_PROBE: &str = r#"
-import ctypes, os
-libc = ctypes.CDLL(None, use_errno=True)
-def probe(name, nr, *args):
-    ctypes.set_errno(0)
-    ret = libc.syscall(nr, *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
-    print(name, ret, ctypes.get_errno())
 probe("name_to_handle_at", 303, -100, b"/", None, None, 0)
 # Also needs CAP_SYS_BOOT, which the kernel checks after the filter.
 probe("kexec_file_load", 320, -1, -1, 0, None, 0)
@@ -182,9 +175,12 @@ probe("x32_read", 0x40000000 + 0, 0, None, 0)
 async fn syscalls_outside_dockers_allow_list_fail_with_eperm() -> anyhow::Result<()> {
     let env = TestEnv::new("allowlist")?;
     env.driver.create(env.spec("allow")).await?;
-    let out =
-        support::exec(&env.socket("allow"), "/usr/bin/python3", &["-c", OUTSIDE_ALLOW_LIST_PROBE])
-            .await?;
+    let out = support::exec(
+        &env.socket("allow"),
+        "/usr/bin/python3",
+        &["-c", &probe_script(OUTSIDE_ALLOW_LIST_PROBE)],
+    )
+    .await?;
     assert!(out.ok(), "{out:?}");
     let mut seen = 0;
     for line in out.stdout.lines() {
@@ -223,12 +219,6 @@ async fn the_i386_calling_convention_kills_the_process() -> anyhow::Result<()> {
 /// Calls the conditional and capability-gated syscalls of Docker's profile in the forms
 /// it admits, and prints `name ret errno` for each.
 const ADMITTED_FORMS_PROBE: &str = r#"
-import ctypes, os, socket
-libc = ctypes.CDLL(None, use_errno=True)
-def probe(name, nr, *args):
-    ctypes.set_errno(0)
-    ret = libc.syscall(nr, *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
-    print(name, ret, ctypes.get_errno())
 probe("personality_query", 135, 0xffffffff)
 probe("personality_linux32", 135, 0x0008)
 probe("personality_uname26", 135, 0x20000)
@@ -251,8 +241,12 @@ print("fork", os.waitpid(pid, 0)[1] >> 8, 0)
 async fn dockers_conditional_rules_admit_the_harmless_forms() -> anyhow::Result<()> {
     let env = TestEnv::new("admitted")?;
     env.driver.create(env.spec("adm")).await?;
-    let out = support::exec(&env.socket("adm"), "/usr/bin/python3", &["-c", ADMITTED_FORMS_PROBE])
-        .await?;
+    let out = support::exec(
+        &env.socket("adm"),
+        "/usr/bin/python3",
+        &["-c", &probe_script(ADMITTED_FORMS_PROBE)],
+    )
+    .await?;
     assert!(out.ok(), "{out:?}");
     let mut seen = 0;
     for line in out.stdout.lines() {
@@ -518,4 +512,19 @@ async fn sandbox_inherits_no_descriptor_of_the_driver_process() -> anyhow::Resul
     }
     env.driver.destroy(&env.id("fds")).await?;
     Ok(())
+}
+
+/// What every syscall probe script starts with: `probe(name, nr, *args)`
+/// makes the raw syscall and prints `name ret errno`.
+const PROBE_PRELUDE: &str = r#"
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+def probe(name, nr, *args):
+    ctypes.set_errno(0)
+    ret = libc.syscall(nr, *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    print(name, ret, ctypes.get_errno())
+"#;
+
+fn probe_script(body: &str) -> String {
+    format!("{PROBE_PRELUDE}{body}")
 }
