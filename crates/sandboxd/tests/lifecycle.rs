@@ -67,11 +67,26 @@ async fn a_crashing_child_never_takes_sandboxd_down() {
 async fn sigterm_stops_every_process_within_the_grace_period_then_exits() {
     let mut sandboxd = Sandboxd::start_with(&["--grace-secs", "1"]);
     let polite = sandboxd
-        .start_process(json!({"command": "sh", "args": ["-c", "trap 'exit 0' TERM; while :; do sleep 0.05; done"]}))
+        .start_process(json!({
+            "command": "sh",
+            "args": ["-c", "trap 'exit 0' TERM; echo armed; while :; do sleep 0.05; done"],
+        }))
         .await as u32;
+    // `exec` keeps the ignored disposition, so the sleep itself ignores TERM.
     let stubborn = sandboxd
-        .start_process(json!({"command": "sh", "args": ["-c", "trap '' TERM; sleep 100"]}))
+        .start_process(
+            json!({"command": "sh", "args": ["-c", "trap '' TERM; echo armed; exec sleep 100"]}),
+        )
         .await as u32;
+    // SIGTERM before a trap is set would kill the shell at once, which says
+    // nothing about the grace period: wait until both are armed.
+    for pid in [polite, stubborn] {
+        let armed = eventually(Duration::from_secs(10), async || {
+            sandboxd.output(pid).await.0 == b"armed\n"
+        })
+        .await;
+        assert!(armed, "process {pid} never armed its trap");
+    }
     let started = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(sandboxd.pid() as i32),
