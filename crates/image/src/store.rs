@@ -291,6 +291,13 @@ impl ImageStore {
         self.inner.read_record(&self.inner.record_path(&reference))
     }
 
+    /// When the image stored under `reference` was last pulled or imported
+    /// into this store (the time its record was written); `None` if absent.
+    pub fn stored_at(&self, reference: &str) -> Option<std::time::SystemTime> {
+        let reference = normalize_reference(reference).ok()?;
+        std::fs::metadata(self.inner.record_path(&reference)).ok()?.modified().ok()
+    }
+
     /// Every image in the store, sorted by reference.
     pub fn list(&self) -> Result<Vec<Image>, ListImagesError> {
         self.inner.list()

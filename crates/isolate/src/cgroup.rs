@@ -137,6 +137,20 @@ impl CgroupLayout {
         Ok(())
     }
 
+    /// Removes the shared parent cgroup(s) if no sandbox cgroup is left in them,
+    /// so a driver that shuts down with no sandboxes leaves nothing behind. A
+    /// parent that still holds sandboxes (they keep running across a restart)
+    /// stays: rmdir refuses a non-empty cgroup.
+    pub fn release(&self) {
+        let parents: Vec<&PathBuf> = match self {
+            Self::V1 { parents } => parents.iter().map(|(_, p)| p).collect(),
+            Self::V2 { parent } => vec![parent],
+        };
+        for parent in parents {
+            let _ = fs::remove_dir(parent);
+        }
+    }
+
     /// The cgroup of one sandbox, without touching the filesystem.
     pub fn sandbox(&self, id: &SandboxId) -> SandboxCgroup {
         let name = format!("hutch-{id}");

@@ -1,0 +1,355 @@
+//! What an operator configures (`hutch dataplane --config FILE`) and the
+//! capacity the node offers when the operator does not say.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Configuration of one dataplane. Every field has a default, so an empty
+/// YAML document is a valid configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// The node's name towards the server; the host name by default.
+    pub node_id: String,
+    /// The server's gRPC endpoint.
+    pub server_url: String,
+    /// Shared secret with the server: sent as `authorization: Bearer` on gRPC
+    /// calls, and expected as `Hutch-Node-Token` on sandboxd and node API requests.
+    pub node_token: String,
+    /// Specs of the node's sandboxes, the image store and the driver's files.
+    pub data_dir: PathBuf,
+    /// Per-sandbox run state (sockets, logs); `<data_dir>/run` when unset. A
+    /// tmpfs such as `/run/hutch` suits it: sandboxes do not survive a reboot.
+    pub run_dir: Option<PathBuf>,
+    /// How the server reaches this node's proxy.
+    pub proxy_url: String,
+    /// Host routing: `{port}-{id}.{proxy_domain}` reaches port `port` of sandbox `id`.
+    pub proxy_domain: Option<String>,
+    /// What the node offers; unset fields are derived from the host.
+    pub capacity: CapacityConfig,
+    /// Egress `internet` for sandboxes (a bridge and nftables); without it
+    /// sandboxes get loopback only and asking for internet fails the create.
+    pub network: bool,
+    /// Host bridge of sandbox networking; `hutch0` when unset. Two dataplanes
+    /// with networking on one host need different bridges, subnets and tables.
+    pub network_bridge: Option<String>,
+    /// Subnet of sandbox addresses, e.g. `10.89.0.0/16` (the default).
+    pub network_subnet: Option<String>,
+    /// Name of the nftables tables; `hutch` when unset.
+    pub network_table: Option<String>,
+    /// A statically linked sandboxd, bind-mounted into every sandbox.
+    pub sandboxd_path: PathBuf,
+    /// Name of the cgroup beneath our own that holds the sandboxes' cgroups;
+    /// `hutch-<node_id>` when unset, so two dataplanes on one host never sweep
+    /// each other's sandboxes.
+    pub cgroup_parent: Option<String>,
+    /// Registries (`host:port`) pulled from over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// How often a report is sent when nothing changes.
+    #[serde(with = "millis")]
+    pub report_interval: Duration,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self {
+            node_id: host_name(),
+            server_url: "http://127.0.0.1:8901".to_owned(),
+            node_token: String::new(),
+            data_dir: PathBuf::from("/var/lib/hutch/dataplane"),
+            run_dir: None,
+            proxy_url: "http://127.0.0.1:8095".to_owned(),
+            proxy_domain: None,
+            capacity: CapacityConfig::default(),
+            network: true,
+            network_bridge: None,
+            network_subnet: None,
+            network_table: None,
+            sandboxd_path: PathBuf::from("/usr/local/lib/hutch/sandboxd"),
+            cgroup_parent: None,
+            insecure_registries: Vec::new(),
+            report_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Top-level keys that `HUTCH_<KEY>` may set (nested: `HUTCH_CAPACITY_<KEY>`).
+const KEYS: [&str; 15] = [
+    "node_id",
+    "server_url",
+    "node_token",
+    "data_dir",
+    "run_dir",
+    "proxy_url",
+    "proxy_domain",
+    "network",
+    "network_bridge",
+    "network_subnet",
+    "network_table",
+    "sandboxd_path",
+    "cgroup_parent",
+    "insecure_registries",
+    "report_interval",
+];
+const CAPACITY_KEYS: [&str; 4] = ["cpus", "memory_mb", "disk_mb", "pids"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("the configuration is not a mapping of keys to values")]
+    NotAMapping,
+}
+
+impl DataplaneConfig {
+    /// The configuration of `hutch dataplane`: the YAML document `yaml` (if
+    /// any), then every `HUTCH_<KEY>` in `env` over it (`HUTCH_SERVER_URL`,
+    /// `HUTCH_CAPACITY_CPUS`, ...; values are read as YAML scalars, lists as
+    /// YAML flow sequences), then the defaults for whatever is still unset.
+    pub fn from_yaml_and_env(
+        yaml: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        use serde_yaml::{Mapping, Value};
+        let mut root = match yaml.map(serde_yaml::from_str::<Value>).transpose()? {
+            None | Some(Value::Null) => Mapping::new(),
+            Some(Value::Mapping(mapping)) => mapping,
+            Some(_) => return Err(ConfigError::NotAMapping),
+        };
+        let env: std::collections::HashMap<String, String> = env.into_iter().collect();
+        let scalar = |text: &str| {
+            serde_yaml::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+        };
+        for key in KEYS {
+            if let Some(value) = env.get(&format!("HUTCH_{}", key.to_uppercase())) {
+                // Strings stay strings even when they look like numbers (a token "123").
+                let value = match key {
+                    "network" | "report_interval" | "insecure_registries" => scalar(value),
+                    _ => Value::String(value.clone()),
+                };
+                root.insert(Value::String(key.to_owned()), value);
+            }
+        }
+        for key in CAPACITY_KEYS {
+            if let Some(value) = env.get(&format!("HUTCH_CAPACITY_{}", key.to_uppercase())) {
+                let capacity = root
+                    .entry(Value::String("capacity".to_owned()))
+                    .or_insert_with(|| Value::Mapping(Mapping::new()));
+                let Value::Mapping(capacity) = capacity else {
+                    return Err(ConfigError::NotAMapping);
+                };
+                capacity.insert(Value::String(key.to_owned()), scalar(value));
+            }
+        }
+        Ok(serde_yaml::from_value(Value::Mapping(root))?)
+    }
+
+    /// Sandbox networking settings, leases in `<data_dir>/net`.
+    pub(crate) fn net_config(&self) -> Result<hutch_net::NetConfig, hutch_net::ParseIpv4NetError> {
+        let mut net = hutch_net::NetConfig::new(self.data_dir.join("net"));
+        if let Some(bridge) = &self.network_bridge {
+            net.bridge = bridge.clone();
+        }
+        if let Some(subnet) = &self.network_subnet {
+            net.subnet = subnet.parse()?;
+        }
+        if let Some(table) = &self.network_table {
+            net.nft_table = table.clone();
+        }
+        Ok(net)
+    }
+
+    pub(crate) fn run_dir(&self) -> PathBuf {
+        self.run_dir.clone().unwrap_or_else(|| self.data_dir.join("run"))
+    }
+
+    pub(crate) fn cgroup_parent(&self) -> String {
+        self.cgroup_parent.clone().unwrap_or_else(|| {
+            let safe: String = self
+                .node_id
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+                .collect();
+            format!("hutch-{safe}")
+        })
+    }
+}
+
+/// Capacity overrides; `None` means "derive from the host".
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapacityConfig {
+    pub cpus: Option<f64>,
+    pub memory_mb: Option<u64>,
+    pub disk_mb: Option<u64>,
+    pub pids: Option<u32>,
+}
+
+/// What the node offers sandboxes in total.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Capacity {
+    pub cpus: f64,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub pids: u32,
+}
+
+impl Capacity {
+    /// Fills what `config` leaves open from the host: cpus = cores × 64 (a
+    /// sandbox's cpus are a CFS quota, a cap on a time-shared core, and most
+    /// sandboxes idle), memory = MemTotal × 4 (limits are caps, and idle
+    /// sandboxes use ~3 MiB),
+    /// disk = free space of `data_dir` × 8 (a sandbox's disk limit caps a tmpfs
+    /// that costs nothing until written), pids = the kernel's `pid_max`. Host
+    /// numbers come from `/host/proc` when the dataplane runs in a container
+    /// with the host's /proc mounted there.
+    pub fn resolve(config: &CapacityConfig, data_dir: &Path) -> Self {
+        let proc = if Path::new("/host/proc").is_dir() { "/host/proc" } else { "/proc" };
+        let proc = Path::new(proc);
+        let cores = std::fs::read_to_string(proc.join("cpuinfo"))
+            .map(|text| count_processors(&text))
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let mem_total_kb = std::fs::read_to_string(proc.join("meminfo"))
+            .ok()
+            .and_then(|text| mem_total_kb(&text))
+            .unwrap_or(1 << 20);
+        let pid_max = std::fs::read_to_string(proc.join("sys/kernel/pid_max"))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(32768);
+        Self {
+            cpus: config.cpus.unwrap_or(cores as f64 * 64.0),
+            memory_mb: config.memory_mb.unwrap_or(mem_total_kb / 1024 * 4),
+            disk_mb: config.disk_mb.unwrap_or_else(|| free_disk_mb(data_dir).saturating_mul(8)),
+            pids: config.pids.unwrap_or(pid_max),
+        }
+    }
+}
+
+fn count_processors(cpuinfo: &str) -> usize {
+    cpuinfo.lines().filter(|line| line.starts_with("processor")).count()
+}
+
+fn mem_total_kb(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|line| {
+        let rest = line.strip_prefix("MemTotal:")?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+fn free_disk_mb(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: statvfs is plain old data that the kernel fills in.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return 0;
+    }
+    (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64) >> 20
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "node".to_owned())
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(deserializer)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_numbers_are_parsed_from_proc_files() {
+        assert_eq!(count_processors("processor\t: 0\nmodel\nprocessor\t: 1\n"), 2);
+        assert_eq!(mem_total_kb("MemTotal:       24684084 kB\nMemFree: 1 kB\n"), Some(24684084));
+        assert_eq!(mem_total_kb("MemFree: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn overrides_win_over_the_host() {
+        let config = CapacityConfig {
+            cpus: Some(2.5),
+            memory_mb: Some(100),
+            disk_mb: Some(7),
+            pids: Some(9),
+        };
+        let capacity = Capacity::resolve(&config, Path::new("/"));
+        assert_eq!(capacity, Capacity { cpus: 2.5, memory_mb: 100, disk_mb: 7, pids: 9 });
+    }
+
+    #[test]
+    fn derived_capacity_is_a_multiple_of_the_host() {
+        let capacity = Capacity::resolve(&CapacityConfig::default(), Path::new("/"));
+        let cores = std::thread::available_parallelism().unwrap().get() as f64;
+        assert!(capacity.cpus >= cores * 64.0 - 0.1, "{capacity:?}");
+        assert!(capacity.memory_mb > 0 && capacity.pids > 0, "{capacity:?}");
+    }
+
+    #[test]
+    fn yaml_fills_what_it_leaves_out_with_defaults() {
+        let config: DataplaneConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(config.server_url, "http://127.0.0.1:8901");
+        assert_eq!(config.report_interval, Duration::from_secs(2));
+        assert!(config.network);
+        let yaml = "node_id: n1\nnode_token: t\ndata_dir: /tmp/dp\nnetwork: false\n\
+                    proxy_domain: sb.example\ncapacity: { cpus: 4, memory_mb: 2048 }\n\
+                    report_interval: 500\n";
+        let config: DataplaneConfig = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!((config.node_id.as_str(), config.node_token.as_str()), ("n1", "t"));
+        assert_eq!(config.run_dir(), PathBuf::from("/tmp/dp/run"));
+        assert_eq!(config.capacity.cpus, Some(4.0));
+        assert_eq!(config.capacity.disk_mb, None);
+        assert_eq!(config.report_interval, Duration::from_millis(500));
+        assert!(serde_yaml::from_str::<DataplaneConfig>("nodeid: x").is_err());
+    }
+
+    #[test]
+    fn env_overrides_yaml() {
+        let env = [
+            ("HUTCH_SERVER_URL", "http://10.0.0.1:8901"),
+            ("HUTCH_NODE_TOKEN", "123"),
+            ("HUTCH_NETWORK", "false"),
+            ("HUTCH_CAPACITY_CPUS", "3"),
+            ("HUTCH_INSECURE_REGISTRIES", "[127.0.0.1:5000]"),
+            ("PATH", "/usr/bin"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let yaml = "node_id: a\nnetwork: true\ncapacity:\n  memory_mb: 100\n";
+        let config = DataplaneConfig::from_yaml_and_env(Some(yaml), env).unwrap();
+        assert_eq!(config.node_id, "a");
+        assert_eq!(config.server_url, "http://10.0.0.1:8901");
+        assert_eq!(config.node_token, "123");
+        assert!(!config.network);
+        assert_eq!(config.capacity.cpus, Some(3.0));
+        assert_eq!(config.capacity.memory_mb, Some(100));
+        assert_eq!(config.insecure_registries, vec!["127.0.0.1:5000".to_owned()]);
+        let defaults = DataplaneConfig::from_yaml_and_env(None, []).unwrap();
+        assert_eq!(defaults.server_url, "http://127.0.0.1:8901");
+        assert!(DataplaneConfig::from_yaml_and_env(Some("- 1"), []).is_err());
+    }
+
+    #[test]
+    fn cgroup_parent_is_named_after_the_node() {
+        let config = DataplaneConfig { node_id: "n1.example".into(), ..Default::default() };
+        assert_eq!(config.cgroup_parent(), "hutch-n1_example");
+    }
+}

@@ -1,0 +1,173 @@
+//! The Hutch dataplane: the node agent that runs sandboxes for the server.
+//!
+//! [`Dataplane::open`] sets up the native driver, the image store and the
+//! sandbox table (re-adopting sandboxes a previous run left running), and
+//! [`Dataplane::run`] then runs three things until shutdown:
+//!
+//! * the owner task (`owner.rs`), the only writer of the sandbox table, which
+//!   applies the server's desired state level-triggered;
+//! * the sync client (`sync.rs`), which registers with the server and holds
+//!   the bidirectional Sync stream, reconnecting forever;
+//! * the proxy (`proxy.rs`), which routes HTTP (and WebSockets) to sandbox
+//!   ports, to sandboxd, and to the node API (`node_api.rs`).
+//!
+//! Shutting down leaves sandboxes running: the next open adopts them.
+
+mod config;
+mod node_api;
+mod owner;
+mod proxy;
+mod record;
+mod sandboxd;
+mod sync;
+
+use std::sync::Arc;
+
+use hutch_image::ImageStore;
+use hutch_isolate::{Driver, DriverConfig, SandboxId};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::{Capacity, CapacityConfig, ConfigError, DataplaneConfig};
+pub use proxy::{
+    BadRoute, HEADER_NODE_TOKEN, HEADER_SANDBOX_ID, HEADER_SANDBOX_PORT, Route, SANDBOXD_PORT,
+    route,
+};
+pub use record::RecordError;
+
+use owner::{Node, Owner};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenDataplaneError {
+    #[error("create {path}")]
+    CreateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("set up sandbox networking")]
+    Network(#[from] hutch_net::NetSetupError),
+    #[error("invalid network_subnet")]
+    Subnet(#[from] hutch_net::ParseIpv4NetError),
+    #[error("set up the sandbox driver")]
+    Driver(#[from] hutch_isolate::NewDriverError),
+    #[error("open the image store")]
+    Images(#[from] hutch_image::OpenStoreError),
+    #[error("adopt running sandboxes")]
+    Adopt(#[from] hutch_isolate::AdoptError),
+    #[error("sweep leftovers of dead sandboxes")]
+    Sweep(#[from] hutch_isolate::SweepError),
+    #[error("sandbox records")]
+    Records(#[from] RecordError),
+    #[error("destroy orphaned sandbox {id}")]
+    Orphan {
+        id: SandboxId,
+        #[source]
+        source: hutch_isolate::DestroySandboxError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunDataplaneError {}
+
+/// An opened dataplane, ready to [`Dataplane::run`].
+#[derive(Debug)]
+pub struct Dataplane {
+    node: Arc<Node>,
+    owner: Owner,
+}
+
+impl Dataplane {
+    /// Prepares the driver (cgroups beneath our own, named after the node),
+    /// networking when enabled, the image store in `<data_dir>/images`; adopts
+    /// sandboxes still running from a previous run, sweeps what dead ones left,
+    /// and loads the sandbox records from `<data_dir>/sandboxes/`.
+    pub async fn open(config: DataplaneConfig) -> Result<Self, OpenDataplaneError> {
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|source| OpenDataplaneError::CreateDir { path: data_dir.clone(), source })?;
+        // Uploads a crash interrupted (node API imports); only files we name.
+        if let Ok(entries) = std::fs::read_dir(data_dir.join("tmp")) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with("import-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        let mut driver = Driver::new(DriverConfig {
+            state_dir: data_dir.join("driver"),
+            run_dir: config.run_dir(),
+            sandboxd_path: config.sandboxd_path.clone(),
+            cgroup_parent: Some(config.cgroup_parent()),
+        })?;
+        if config.network {
+            let network = hutch_net::NetManager::new(config.net_config()?).await?;
+            driver = driver.with_network(Arc::new(network));
+        }
+        let images = ImageStore::open(data_dir.join("images"))?;
+        let adopted = driver.adopt().await?;
+        let swept = driver.sweep().await?;
+        tracing::info!(
+            adopted = adopted.adopted.len(),
+            removed = adopted.removed.len() + swept.removed.len(),
+            "dataplane opened"
+        );
+
+        let records = record::Records::open(data_dir.join("sandboxes"))?;
+        let loaded = records.load()?;
+        // Sandboxes without a record were never promised to anyone: a crash
+        // between the driver's create and our record cannot happen (the record
+        // is written first), so these are foreign to this node's table.
+        for info in driver.list() {
+            if !loaded.iter().any(|r| r.spec.id == info.id) {
+                tracing::warn!(id = %info.id, "destroying a sandbox without a record");
+                driver
+                    .destroy(&info.id)
+                    .await
+                    .map_err(|source| OpenDataplaneError::Orphan { id: info.id.clone(), source })?;
+            }
+        }
+        let capacity = Capacity::resolve(&config.capacity, &data_dir);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let create_slots = tokio::sync::Semaphore::new(cores.max(2));
+        let node = Arc::new(Node { driver, images, records, config, capacity, create_slots });
+        let owner = Owner::new(node.clone(), loaded);
+        Ok(Self { node, owner })
+    }
+
+    /// The capacity this node offers.
+    pub fn capacity(&self) -> Capacity {
+        self.node.capacity
+    }
+
+    /// Runs the owner task, the sync client and the proxy on `proxy` until
+    /// `shutdown` resolves. Sandboxes keep running after it returns.
+    pub async fn run(
+        self,
+        proxy: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunDataplaneError> {
+        let Self { node, owner } = self;
+        let snapshots = owner.snapshots();
+        let (desired_tx, desired_rx) = watch::channel(None);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+
+        let owner_task = tokio::spawn(owner.run(desired_rx, stopped(stop_rx.clone())));
+        let sync_task = tokio::spawn(sync::run(node.clone(), snapshots.clone(), desired_tx));
+        let state = Arc::new(proxy::ProxyState { node: node.clone(), snapshots });
+        let proxy_task = tokio::spawn(proxy::serve(proxy, state, stopped(stop_rx)));
+
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        sync_task.abort();
+        let _ = sync_task.await;
+        let _ = proxy_task.await;
+        let _ = owner_task.await;
+        // Sandboxes keep running across a restart; only an empty parent goes.
+        node.driver.cgroup_layout().release();
+        Ok(())
+    }
+}

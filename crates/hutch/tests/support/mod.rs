@@ -1,0 +1,216 @@
+//! Runs the real `hutch` binary, and a real sandboxd on 127.0.0.1:0 for the
+//! commands that only talk to a sandbox's daemon (`--daemon-url`).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How long one `hutch` invocation may take before the test fails.
+const HUTCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The sandboxd binary: `HUTCH_SANDBOXD` (what scripts/test builds), else a
+/// static dev build made once into a target dir of its own, so that the
+/// nested cargo never waits on the outer one's lock.
+pub fn sandboxd_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("HUTCH_SANDBOXD") {
+            return path.into();
+        }
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"))
+            .join("sandboxd-static");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&workspace)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env("CARGO_TARGET_DIR", &target)
+            .args(["build", "-p", "hutch-sandboxd", "--target", "x86_64-unknown-linux-gnu"])
+            .status()
+            .expect("run cargo to build sandboxd");
+        assert!(status.success(), "building sandboxd failed: {status}");
+        target.join("x86_64-unknown-linux-gnu/debug/sandboxd")
+    })
+    .clone()
+}
+
+/// A sandboxd process, killed when dropped.
+pub struct Sandboxd {
+    child: Child,
+    pub base: String,
+}
+
+impl Sandboxd {
+    pub fn start() -> Sandboxd {
+        let mut child = Command::new(sandboxd_path())
+            .args(["--listen", "tcp:127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sandboxd");
+        let stdout = child.stdout.take().expect("sandboxd stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line =
+                lines.next().expect("sandboxd exited before listening").expect("read stdout");
+            if let Some(addr) = line.trim().strip_prefix("sandboxd listening on tcp:") {
+                break addr.to_owned();
+            }
+        };
+        Sandboxd { child, base: format!("http://{addr}") }
+    }
+
+    /// `hutch` pointed at this sandboxd.
+    pub fn hutch(&self) -> Hutch {
+        Hutch::new().env("HUTCH_DAEMON_URL", &self.base)
+    }
+
+    /// POSTs JSON to sandboxd itself and returns the JSON answer.
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let response = reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("request to sandboxd");
+        assert!(response.status().is_success(), "{path}: {}", response.status());
+        response.json().await.expect("JSON from sandboxd")
+    }
+
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        let response =
+            reqwest::get(format!("{}{path}", self.base)).await.expect("request to sandboxd");
+        assert!(response.status().is_success(), "{path}: {}", response.status());
+        response.json().await.expect("JSON from sandboxd")
+    }
+}
+
+impl Drop for Sandboxd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One invocation of the `hutch` binary, with a clean `HUTCH_*` environment
+/// (no local `hutch up` is consulted: the data dir is an empty temp dir).
+pub struct Hutch {
+    command: tokio::process::Command,
+    stdin: Option<Vec<u8>>,
+    _data_dir: std::sync::Arc<tempfile::TempDir>,
+}
+
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Asserts the one-line failure the CLI promises, with this status.
+    pub fn assert_one_line_failure(&self, code: i32) {
+        assert_eq!(self.code, Some(code), "stderr: {}", self.stderr);
+        assert_eq!(self.stderr.lines().count(), 1, "stderr: {:?}", self.stderr);
+        assert!(self.stderr.starts_with("hutch: "), "stderr: {:?}", self.stderr);
+    }
+}
+
+impl Hutch {
+    pub fn new() -> Hutch {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_hutch"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("HUTCH_") {
+                command.env_remove(key);
+            }
+        }
+        command.env("HUTCH_DATA_DIR", data_dir.path()).kill_on_drop(true);
+        Hutch { command, stdin: None, _data_dir: std::sync::Arc::new(data_dir) }
+    }
+
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Hutch {
+        self.command.env(key, value);
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Hutch
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.command.args(args);
+        self
+    }
+
+    pub fn current_dir(mut self, dir: &Path) -> Hutch {
+        self.command.current_dir(dir);
+        self
+    }
+
+    /// Feeds these bytes on stdin (a pipe); stdin is /dev/null otherwise.
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Hutch {
+        self.stdin = Some(bytes.into());
+        self
+    }
+
+    /// Starts it with piped stdout and stderr (and stdin if given).
+    pub fn spawn(mut self) -> tokio::process::Child {
+        self.command
+            .stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.command.spawn().expect("spawn hutch");
+        if let Some(bytes) = self.stdin.take() {
+            let mut stdin = child.stdin.take().expect("stdin pipe");
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt as _;
+                let _ = stdin.write_all(&bytes).await;
+            });
+        }
+        child
+    }
+
+    pub async fn run(self) -> Output {
+        let child = self.spawn();
+        finish(child).await
+    }
+}
+
+impl Default for Hutch {
+    fn default() -> Hutch {
+        Hutch::new()
+    }
+}
+
+/// Waits for a spawned `hutch` (failing the test after a minute).
+pub async fn finish(child: tokio::process::Child) -> Output {
+    let output = tokio::time::timeout(HUTCH_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("hutch did not finish in time")
+        .expect("wait for hutch");
+    Output {
+        code: output.status.code(),
+        stdout: output.stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

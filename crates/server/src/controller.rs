@@ -1,0 +1,1179 @@
+//! The one task that owns the server's state: namespaces, keys, sandboxes,
+//! nodes and idempotency keys, all in memory, written through to the store
+//! before any command is answered.
+//!
+//! HTTP handlers and gRPC streams talk to it with [`Command`]s carrying a
+//! oneshot reply. Every sandbox change is broadcast (for SSE), and every
+//! change to what a node should run is published on that node's `watch`
+//! channel, which its Sync stream forwards.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hutch_proto::node as proto;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{CreatedKey, Egress, Namespace, Resources, Sandbox, SandboxList, SandboxState};
+use crate::scheduler::{self, Free};
+use crate::store::{
+    ApiKeyRecord, IdempotencyRecord, NamespaceRecord, SandboxRecord, StopRequest, Store,
+    StoreError, StoredState,
+};
+use crate::time::{now_ms, rfc3339};
+use crate::validate::ValidCreate;
+
+/// How long an idempotency key is remembered.
+const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+/// How many queued commands are handled before desired states are rebuilt.
+const BATCH: usize = 64;
+/// How many sandbox changes SSE subscribers may fall behind before they
+/// re-read the state.
+const EVENT_BUFFER: usize = 4096;
+
+/// Timings of the controller; see [`crate::ServerConfig`].
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub heartbeat_interval: Duration,
+    pub node_timeout: Duration,
+    pub retention: Duration,
+    pub history: Duration,
+    pub tick: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("namespace {0} not found")]
+    NamespaceNotFound(String),
+    #[error("namespace {0} already exists")]
+    NamespaceExists(String),
+    #[error("sandbox {0} not found")]
+    SandboxNotFound(String),
+    #[error("key {0} not found")]
+    KeyNotFound(String),
+    #[error("idempotency key {0:?} was used with a different body")]
+    IdempotencyConflict(String),
+    #[error("sandbox {id} is {state}")]
+    NotRunning { id: String, state: SandboxState, reason: Option<String> },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("node {0} is not registered; call Register first")]
+    NodeNotRegistered(String),
+    #[error("cannot write the change to the store")]
+    Store(#[from] StoreError),
+}
+
+/// Which sandboxes a list asks for.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub states: Vec<SandboxState>,
+    pub tags: Vec<(String, String)>,
+    pub include_stopped: bool,
+    pub limit: usize,
+    /// `seq` of the last sandbox of the previous page.
+    pub cursor: Option<i64>,
+}
+
+/// Where a daemon request for a sandbox goes.
+#[derive(Clone, Debug)]
+pub enum DaemonTarget {
+    /// Forward to this node proxy.
+    Ready { proxy_url: String },
+    /// Not running yet: wait for a `running` event.
+    NotYet,
+    /// Finished (or never will run).
+    Finished { state: SandboxState, reason: Option<String>, retained_proxy_url: Option<String> },
+}
+
+/// A node the server can forward image calls to.
+#[derive(Clone, Debug)]
+pub struct NodeTarget {
+    pub id: String,
+    pub proxy_url: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct MetricsSnapshot {
+    pub sandboxes: BTreeMap<SandboxState, u64>,
+    pub nodes_ready: u64,
+    pub nodes_lost: u64,
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+#[derive(Debug)]
+pub enum Command {
+    Authenticate {
+        key_sha256: String,
+        reply: Reply<Option<String>>,
+    },
+    CreateNamespace {
+        name: String,
+        reply: Reply<Result<Namespace, ControlError>>,
+    },
+    ListNamespaces {
+        reply: Reply<Vec<Namespace>>,
+    },
+    CreateKey {
+        namespace: String,
+        reply: Reply<Result<CreatedKey, ControlError>>,
+    },
+    DeleteKey {
+        namespace: String,
+        id: String,
+        reply: Reply<Result<(), ControlError>>,
+    },
+    CreateSandbox {
+        namespace: String,
+        request: Box<ValidCreate>,
+        idempotency: Option<(String, String)>,
+        reply: Reply<Result<(Sandbox, bool), ControlError>>,
+    },
+    ListSandboxes {
+        namespace: String,
+        filter: ListFilter,
+        reply: Reply<Result<SandboxList, ControlError>>,
+    },
+    GetSandbox {
+        namespace: String,
+        id: String,
+        reply: Reply<Result<Sandbox, ControlError>>,
+    },
+    DeleteSandbox {
+        namespace: String,
+        id: String,
+        reply: Reply<Result<Sandbox, ControlError>>,
+    },
+    StopSandbox {
+        namespace: String,
+        id: String,
+        grace_secs: Option<u32>,
+        reply: Reply<Result<Sandbox, ControlError>>,
+    },
+    SetTimeout {
+        namespace: String,
+        id: String,
+        timeout_secs: u64,
+        reply: Reply<Result<Sandbox, ControlError>>,
+    },
+    ResolveDaemon {
+        namespace: String,
+        id: String,
+        reply: Reply<Result<DaemonTarget, ControlError>>,
+    },
+    ListNodes {
+        reply: Reply<Vec<NodeTarget>>,
+    },
+    Metrics {
+        reply: Reply<MetricsSnapshot>,
+    },
+    Register {
+        request: proto::RegisterRequest,
+        reply: Reply<proto::RegisterResponse>,
+    },
+    Connect {
+        node_id: String,
+        reply: Reply<Result<watch::Receiver<Arc<proto::DesiredState>>, ControlError>>,
+    },
+    Report {
+        report: proto::NodeReport,
+        reply: Reply<Result<Arc<proto::DesiredState>, ControlError>>,
+    },
+}
+
+/// A cheap, cloneable way to talk to the controller.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<Arc<Sandbox>>,
+}
+
+impl Handle {
+    /// Sends a command and waits for its reply.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| ControlError::ShuttingDown)?;
+        answer.await.map_err(|_| ControlError::ShuttingDown)
+    }
+
+    /// Every sandbox change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Sandbox>> {
+        self.events.subscribe()
+    }
+}
+
+struct Entry {
+    record: SandboxRecord,
+    /// Unix ms of the last API, daemon or proxy activity.
+    last_activity_ms: i64,
+    /// Whether a finished sandbox is still in its node's desired state
+    /// (for the retention period, so its logs stay readable).
+    retained: bool,
+}
+
+struct Node {
+    capacity: Resources,
+    proxy_url: String,
+    last_seen: Instant,
+    /// False for nodes known only from sandboxes loaded at open, until they
+    /// register again.
+    registered: bool,
+    lost: bool,
+    desired: watch::Sender<Arc<proto::DesiredState>>,
+}
+
+impl Node {
+    fn new(now: Instant) -> Self {
+        Node {
+            capacity: Resources { cpus: 0.0, memory_mb: 0, disk_mb: 0, pids: 0 },
+            proxy_url: String::new(),
+            last_seen: now,
+            registered: false,
+            lost: false,
+            desired: watch::Sender::new(Arc::new(proto::DesiredState::default())),
+        }
+    }
+}
+
+pub struct Controller<S> {
+    store: S,
+    config: ControllerConfig,
+    namespaces: BTreeMap<String, NamespaceRecord>,
+    keys: HashMap<String, ApiKeyRecord>,
+    sandboxes: HashMap<String, Entry>,
+    nodes: BTreeMap<String, Node>,
+    idempotency: HashMap<(String, String), IdempotencyRecord>,
+    events: broadcast::Sender<Arc<Sandbox>>,
+    /// Nodes whose desired state may have changed since it was published.
+    dirty_nodes: BTreeSet<String>,
+    /// Whether placement should be retried (capacity or pending set changed).
+    reschedule: bool,
+    last_expiry_ms: i64,
+    /// `seq` of the next sandbox created.
+    next_seq: i64,
+}
+
+impl<S: Store> Controller<S> {
+    /// Builds the controller from the stored state; `default` is created if
+    /// missing.
+    pub async fn load(
+        store: S,
+        config: ControllerConfig,
+    ) -> Result<(Self, Handle, mpsc::Receiver<Command>), StoreError> {
+        let StoredState { namespaces, api_keys, sandboxes, idempotency_keys, max_sandbox_seq } =
+            store.load().await?;
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (commands, receiver) = mpsc::channel(1024);
+        let now = now_ms();
+        let instant = Instant::now();
+        let mut controller = Controller {
+            store,
+            config,
+            namespaces: namespaces.into_iter().map(|ns| (ns.name.clone(), ns)).collect(),
+            keys: api_keys.into_iter().map(|key| (key.key_sha256.clone(), key)).collect(),
+            sandboxes: HashMap::new(),
+            nodes: BTreeMap::new(),
+            idempotency: idempotency_keys
+                .into_iter()
+                .filter(|rec| rec.created_at_ms + IDEMPOTENCY_TTL_MS > now)
+                .map(|rec| ((rec.namespace.clone(), rec.key.clone()), rec))
+                .collect(),
+            events: events.clone(),
+            dirty_nodes: BTreeSet::new(),
+            reschedule: true,
+            last_expiry_ms: 0,
+            next_seq: max_sandbox_seq + 1,
+        };
+        for record in sandboxes {
+            // Nodes are not stored: a node that held sandboxes is expected
+            // back, and is lost like any other if it stays silent.
+            if let Some(node) = &record.node {
+                controller.nodes.entry(node.clone()).or_insert_with(|| Node::new(instant));
+            }
+            let retained = !record.state.is_terminal()
+                || record.finished_at_ms.unwrap_or(now) + millis(controller.config.retention) > now;
+            controller
+                .sandboxes
+                .insert(record.id.clone(), Entry { record, last_activity_ms: now, retained });
+        }
+        if !controller.namespaces.contains_key("default") {
+            let record = NamespaceRecord { name: "default".to_owned(), created_at_ms: now };
+            controller.store.put_namespace(&record).await?;
+            controller.namespaces.insert(record.name.clone(), record);
+        }
+        Ok((controller, Handle { commands, events }, receiver))
+    }
+
+    /// Serves commands until `shutdown` fires or every handle is gone.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                command = commands.recv() => match command {
+                    Some(command) => {
+                        self.handle(command).await;
+                        // A burst (many creates at once) is handled before
+                        // the nodes' desired states are rebuilt, once.
+                        for _ in 0..BATCH {
+                            match commands.try_recv() {
+                                Ok(command) => self.handle(command).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => self.tick().await,
+            }
+            self.settle().await;
+        }
+        self.store.close().await;
+    }
+
+    async fn handle(&mut self, command: Command) {
+        // A dropped reply means the caller went away; nothing to do then.
+        match command {
+            Command::Authenticate { key_sha256, reply } => {
+                let _ = reply.send(self.keys.get(&key_sha256).map(|key| key.namespace.clone()));
+            }
+            Command::CreateNamespace { name, reply } => {
+                let _ = reply.send(self.create_namespace(name).await);
+            }
+            Command::ListNamespaces { reply } => {
+                let _ = reply.send(self.namespaces.values().map(namespace_view).collect());
+            }
+            Command::CreateKey { namespace, reply } => {
+                let _ = reply.send(self.create_key(namespace).await);
+            }
+            Command::DeleteKey { namespace, id, reply } => {
+                let _ = reply.send(self.delete_key(&namespace, &id).await);
+            }
+            Command::CreateSandbox { namespace, request, idempotency, reply } => {
+                let _ = reply.send(self.create_sandbox(namespace, *request, idempotency).await);
+            }
+            Command::ListSandboxes { namespace, filter, reply } => {
+                let _ = reply.send(self.list_sandboxes(&namespace, filter));
+            }
+            Command::GetSandbox { namespace, id, reply } => {
+                let result = self.touch(&namespace, &id).map(|entry| entry.record.clone());
+                let _ = reply.send(result.map(|record| self.view(&record)));
+            }
+            Command::DeleteSandbox { namespace, id, reply } => {
+                let _ = reply.send(self.delete_sandbox(&namespace, &id).await);
+            }
+            Command::StopSandbox { namespace, id, grace_secs, reply } => {
+                let _ = reply.send(self.stop_sandbox(&namespace, &id, grace_secs).await);
+            }
+            Command::SetTimeout { namespace, id, timeout_secs, reply } => {
+                let _ = reply.send(self.set_timeout(&namespace, &id, timeout_secs).await);
+            }
+            Command::ResolveDaemon { namespace, id, reply } => {
+                let _ = reply.send(self.resolve_daemon(&namespace, &id));
+            }
+            Command::ListNodes { reply } => {
+                let nodes = self
+                    .nodes
+                    .iter()
+                    .filter(|(_, node)| node.registered && !node.lost)
+                    .map(|(id, node)| NodeTarget {
+                        id: id.clone(),
+                        proxy_url: node.proxy_url.clone(),
+                    })
+                    .collect();
+                let _ = reply.send(nodes);
+            }
+            Command::Metrics { reply } => {
+                let _ = reply.send(self.metrics());
+            }
+            Command::Register { request, reply } => {
+                let _ = reply.send(self.register(request));
+            }
+            Command::Connect { node_id, reply } => {
+                let result = match self.nodes.get(&node_id) {
+                    Some(node) if node.registered => {
+                        self.dirty_nodes.insert(node_id);
+                        Ok(node.desired.subscribe())
+                    }
+                    _ => Err(ControlError::NodeNotRegistered(node_id)),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Report { report, reply } => {
+                let result = self.report(report).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn create_namespace(&mut self, name: String) -> Result<Namespace, ControlError> {
+        if self.namespaces.contains_key(&name) {
+            return Err(ControlError::NamespaceExists(name));
+        }
+        let record = NamespaceRecord { name, created_at_ms: now_ms() };
+        self.store.put_namespace(&record).await?;
+        let view = namespace_view(&record);
+        self.namespaces.insert(record.name.clone(), record);
+        Ok(view)
+    }
+
+    async fn create_key(&mut self, namespace: String) -> Result<CreatedKey, ControlError> {
+        if !self.namespaces.contains_key(&namespace) {
+            return Err(ControlError::NamespaceNotFound(namespace));
+        }
+        let key = crate::keys::generate_key();
+        let record = ApiKeyRecord {
+            id: uuid::Uuid::new_v4().simple().to_string()[..16].to_owned(),
+            namespace,
+            key_sha256: crate::keys::sha256_hex(key.as_bytes()),
+            created_at_ms: now_ms(),
+        };
+        self.store.put_api_key(&record).await?;
+        let created =
+            CreatedKey { id: record.id.clone(), key, namespace: record.namespace.clone() };
+        self.keys.insert(record.key_sha256.clone(), record);
+        Ok(created)
+    }
+
+    async fn delete_key(&mut self, namespace: &str, id: &str) -> Result<(), ControlError> {
+        let Some(hash) = self
+            .keys
+            .values()
+            .find(|key| key.id == id && key.namespace == namespace)
+            .map(|key| key.key_sha256.clone())
+        else {
+            return Err(ControlError::KeyNotFound(id.to_owned()));
+        };
+        self.store.delete_api_key(id).await?;
+        self.keys.remove(&hash);
+        Ok(())
+    }
+
+    async fn create_sandbox(
+        &mut self,
+        namespace: String,
+        request: ValidCreate,
+        idempotency: Option<(String, String)>,
+    ) -> Result<(Sandbox, bool), ControlError> {
+        if !self.namespaces.contains_key(&namespace) {
+            return Err(ControlError::NamespaceNotFound(namespace));
+        }
+        let now = now_ms();
+        if let Some((key, body_sha256)) = &idempotency
+            && let Some(previous) = self.idempotency.get(&(namespace.clone(), key.clone()))
+            && previous.created_at_ms + IDEMPOTENCY_TTL_MS > now
+        {
+            if previous.body_sha256 != *body_sha256 {
+                return Err(ControlError::IdempotencyConflict(key.clone()));
+            }
+            // The first sandbox may have been deleted and forgotten since;
+            // then the key starts over.
+            if let Some(entry) = self.sandboxes.get(&previous.sandbox_id) {
+                return Ok((self.view(&entry.record), false));
+            }
+        }
+        let mut record = SandboxRecord {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            seq: self.next_seq,
+            namespace,
+            state: SandboxState::Pending,
+            reason: None,
+            exit_code: None,
+            node: None,
+            spec: request.spec,
+            tags: request.tags,
+            created_at_ms: now,
+            started_at_ms: None,
+            finished_at_ms: None,
+            deadline_ms: now.saturating_add(secs_to_ms(request.timeout_secs)),
+            idle_timeout_secs: request.idle_timeout_secs,
+            stop: None,
+            deleted: false,
+        };
+        // Placing before the first write saves a second write per create.
+        let free = self.free_by_node();
+        match scheduler::pick(
+            free.iter().map(|(id, free)| (id.as_str(), free)),
+            &record.spec.resources,
+        ) {
+            Some(node) => record.node = Some(node.to_owned()),
+            None => record.reason = Some("no_capacity".to_owned()),
+        }
+        if let Some((key, body_sha256)) = idempotency {
+            let idem = IdempotencyRecord {
+                namespace: record.namespace.clone(),
+                key,
+                body_sha256,
+                sandbox_id: record.id.clone(),
+                created_at_ms: now,
+            };
+            self.store.put_idempotency_key(&idem).await?;
+            self.idempotency.insert((idem.namespace.clone(), idem.key.clone()), idem);
+        }
+        self.save(record.clone()).await?;
+        self.next_seq += 1;
+        Ok((self.view(&record), true))
+    }
+
+    fn list_sandboxes(
+        &self,
+        namespace: &str,
+        filter: ListFilter,
+    ) -> Result<SandboxList, ControlError> {
+        if !self.namespaces.contains_key(namespace) {
+            return Err(ControlError::NamespaceNotFound(namespace.to_owned()));
+        }
+        let mut matching: Vec<&SandboxRecord> = self
+            .sandboxes
+            .values()
+            .map(|entry| &entry.record)
+            .filter(|record| record.namespace == namespace && !record.deleted)
+            .filter(|record| {
+                if filter.states.is_empty() {
+                    filter.include_stopped || !record.state.is_terminal()
+                } else {
+                    filter.states.contains(&record.state)
+                }
+            })
+            .filter(|record| {
+                filter.tags.iter().all(|(key, value)| record.tags.get(key) == Some(value))
+            })
+            .filter(|record| filter.cursor.is_none_or(|cursor| record.seq < cursor))
+            .collect();
+        // Newest first; the id breaks ties so paging is stable.
+        matching.sort_by_key(|record| std::cmp::Reverse(record.seq));
+        let limit = filter.limit.max(1);
+        let next_cursor = (matching.len() > limit)
+            .then(|| matching.get(limit - 1).map(|last| last.seq.to_string()))
+            .flatten();
+        let sandboxes = matching.into_iter().take(limit).map(|record| self.view(record)).collect();
+        Ok(SandboxList { sandboxes, next_cursor })
+    }
+
+    /// Finds a sandbox of `namespace` and counts the call as activity.
+    fn touch(&mut self, namespace: &str, id: &str) -> Result<&Entry, ControlError> {
+        match self.sandboxes.get_mut(id) {
+            Some(entry) if entry.record.namespace == namespace && !entry.record.deleted => {
+                entry.last_activity_ms = now_ms();
+                Ok(entry)
+            }
+            _ => Err(ControlError::SandboxNotFound(id.to_owned())),
+        }
+    }
+
+    async fn delete_sandbox(&mut self, namespace: &str, id: &str) -> Result<Sandbox, ControlError> {
+        let mut record = self.touch(namespace, id)?.record.clone();
+        record.deleted = true;
+        if !record.state.is_terminal() {
+            let grace = record.stop.as_ref().map_or(10, |stop| stop.grace_secs);
+            stop_record(&mut record, "deleted", grace);
+        }
+        let view = self.view(&record);
+        self.save(record).await?;
+        Ok(view)
+    }
+
+    async fn stop_sandbox(
+        &mut self,
+        namespace: &str,
+        id: &str,
+        grace_secs: Option<u32>,
+    ) -> Result<Sandbox, ControlError> {
+        let mut record = self.touch(namespace, id)?.record.clone();
+        if !record.state.is_terminal() && record.stop.is_none() {
+            stop_record(&mut record, "stopped", grace_secs.unwrap_or(10));
+            self.save(record.clone()).await?;
+        }
+        Ok(self.view(&record))
+    }
+
+    async fn set_timeout(
+        &mut self,
+        namespace: &str,
+        id: &str,
+        timeout_secs: u64,
+    ) -> Result<Sandbox, ControlError> {
+        let mut record = self.touch(namespace, id)?.record.clone();
+        if record.state.is_terminal() || record.stop.is_some() {
+            return Err(ControlError::NotRunning {
+                id: record.id,
+                state: record.state,
+                reason: record.reason,
+            });
+        }
+        record.deadline_ms = now_ms().saturating_add(secs_to_ms(timeout_secs));
+        self.save(record.clone()).await?;
+        Ok(self.view(&record))
+    }
+
+    fn resolve_daemon(&mut self, namespace: &str, id: &str) -> Result<DaemonTarget, ControlError> {
+        let entry = self.touch(namespace, id)?;
+        let retained = entry.retained;
+        let record = &entry.record.clone();
+        let proxy_url = |nodes: &BTreeMap<String, Node>| {
+            record
+                .node
+                .as_ref()
+                .and_then(|node| nodes.get(node))
+                .filter(|node| node.registered && !node.lost)
+                .map(|node| node.proxy_url.clone())
+        };
+        Ok(match record.state {
+            SandboxState::Running if record.stop.is_none() => match proxy_url(&self.nodes) {
+                Some(proxy_url) => DaemonTarget::Ready { proxy_url },
+                None => DaemonTarget::NotYet,
+            },
+            SandboxState::Pending | SandboxState::Creating if record.stop.is_none() => {
+                DaemonTarget::NotYet
+            }
+            state => DaemonTarget::Finished {
+                state,
+                reason: record
+                    .reason
+                    .clone()
+                    .or_else(|| record.stop.as_ref().map(|s| s.reason.clone())),
+                retained_proxy_url: if state.is_terminal() && retained {
+                    proxy_url(&self.nodes)
+                } else {
+                    None
+                },
+            },
+        })
+    }
+
+    fn metrics(&self) -> MetricsSnapshot {
+        let mut snapshot = MetricsSnapshot::default();
+        for state in SandboxState::ALL {
+            snapshot.sandboxes.insert(state, 0);
+        }
+        for entry in self.sandboxes.values() {
+            *snapshot.sandboxes.entry(entry.record.state).or_default() += 1;
+        }
+        for node in self.nodes.values() {
+            if node.lost {
+                snapshot.nodes_lost += 1;
+            } else if node.registered {
+                snapshot.nodes_ready += 1;
+            }
+        }
+        snapshot
+    }
+
+    fn register(&mut self, request: proto::RegisterRequest) -> proto::RegisterResponse {
+        let now = Instant::now();
+        let node = self.nodes.entry(request.node_id.clone()).or_insert_with(|| Node::new(now));
+        if node.lost {
+            tracing::info!(node = %request.node_id, "lost node registered again");
+        }
+        node.capacity = resources_from_proto(request.capacity.as_ref());
+        node.proxy_url = request.proxy_url.trim_end_matches('/').to_owned();
+        node.last_seen = now;
+        node.registered = true;
+        node.lost = false;
+        tracing::info!(node = %request.node_id, proxy_url = %node.proxy_url, version = %request.version, "node registered");
+        self.dirty_nodes.insert(request.node_id);
+        self.reschedule = true;
+        proto::RegisterResponse {
+            heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
+                .unwrap_or(u32::MAX),
+            node_timeout_ms: u32::try_from(self.config.node_timeout.as_millis())
+                .unwrap_or(u32::MAX),
+        }
+    }
+
+    async fn report(
+        &mut self,
+        report: proto::NodeReport,
+    ) -> Result<Arc<proto::DesiredState>, ControlError> {
+        let node_id = report.node_id.clone();
+        let Some(node) = self.nodes.get_mut(&node_id).filter(|node| node.registered) else {
+            return Err(ControlError::NodeNotRegistered(node_id));
+        };
+        node.last_seen = Instant::now();
+        if node.lost {
+            // Its sandboxes already failed with node_lost and stay omitted
+            // from its desired state, so it destroys them.
+            tracing::info!(node = %node_id, "lost node reports again");
+            node.lost = false;
+            self.reschedule = true;
+        }
+        if let Some(capacity) = report.capacity.as_ref().filter(|c| c.memory_mb > 0) {
+            let capacity = resources_from_proto(Some(capacity));
+            if capacity != node.capacity {
+                node.capacity = capacity;
+                self.reschedule = true;
+            }
+        }
+        let now = now_ms();
+        let reported: BTreeSet<&str> = report.sandboxes.iter().map(|s| s.id.as_str()).collect();
+        let mut changed = Vec::new();
+        for observed in &report.sandboxes {
+            let Some(entry) = self.sandboxes.get_mut(&observed.id) else { continue };
+            if entry.record.node.as_deref() != Some(node_id.as_str()) {
+                continue;
+            }
+            if observed.last_activity_ms > entry.last_activity_ms {
+                entry.last_activity_ms = observed.last_activity_ms;
+            }
+            if let Some(record) = apply_observed(&entry.record, observed, now) {
+                changed.push(record);
+            }
+        }
+        // A sandbox the server wants stopped that the node does not have is
+        // as stopped as it will get (the node may never have created it).
+        for entry in self.sandboxes.values() {
+            let record = &entry.record;
+            if record.node.as_deref() == Some(node_id.as_str())
+                && !record.state.is_terminal()
+                && record.stop.is_some()
+                && !reported.contains(record.id.as_str())
+            {
+                let mut record = record.clone();
+                finish_stopped(&mut record, None, now);
+                changed.push(record);
+            }
+        }
+        for record in changed {
+            self.save(record).await?;
+        }
+        self.settle().await;
+        // settle() published this node's state; answer with that very one.
+        Ok(self
+            .nodes
+            .get(&node_id)
+            .map_or_else(|| self.desired_state(&node_id), |node| node.desired.borrow().clone()))
+    }
+
+    async fn tick(&mut self) {
+        let now = now_ms();
+        let instant = Instant::now();
+        let mut changed = Vec::new();
+        let lost: Vec<String> = self
+            .nodes
+            .iter_mut()
+            .filter(|(_, node)| {
+                !node.lost && instant.duration_since(node.last_seen) >= self.config.node_timeout
+            })
+            .map(|(id, node)| {
+                node.lost = true;
+                id.clone()
+            })
+            .collect();
+        for node in &lost {
+            tracing::warn!(node = %node, "node lost: silent for {:?}", self.config.node_timeout);
+            self.dirty_nodes.insert(node.clone());
+        }
+        let retention_ms = millis(self.config.retention);
+        let history_ms = millis(self.config.history);
+        let mut forget = Vec::new();
+        for entry in self.sandboxes.values_mut() {
+            let record = &entry.record;
+            if record.state.is_terminal() {
+                if record.deleted {
+                    forget.push(record.id.clone());
+                } else if entry.retained && record.finished_at_ms.unwrap_or(0) + retention_ms <= now
+                {
+                    entry.retained = false;
+                    if let Some(node) = &record.node {
+                        self.dirty_nodes.insert(node.clone());
+                    }
+                } else if record.finished_at_ms.unwrap_or(0) + history_ms <= now {
+                    // Old history leaves memory and the list API, as if
+                    // deleted, so neither grows without bound.
+                    let mut record = record.clone();
+                    record.deleted = true;
+                    changed.push(record);
+                }
+                continue;
+            }
+            if record.node.as_ref().is_some_and(|node| lost.contains(node)) {
+                let mut record = record.clone();
+                record.state = SandboxState::Failed;
+                record.reason = Some("node_lost".to_owned());
+                record.finished_at_ms = Some(now);
+                changed.push(record);
+                continue;
+            }
+            if record.stop.is_some() {
+                continue;
+            }
+            let reason = if now >= record.deadline_ms {
+                Some("timeout")
+            } else if let Some(idle) = record.idle_timeout_secs
+                && record.state == SandboxState::Running
+                && now - entry.last_activity_ms >= secs_to_ms(idle)
+            {
+                Some("idle_timeout")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let mut record = record.clone();
+                stop_record(&mut record, reason, 10);
+                changed.push(record);
+            }
+        }
+        for id in forget {
+            if let Some(entry) = self.sandboxes.remove(&id)
+                && let Some(node) = entry.record.node
+            {
+                self.dirty_nodes.insert(node);
+            }
+        }
+        for record in changed {
+            if let Err(error) = self.save(record).await {
+                tracing::error!(error = %error_chain(&error), "cannot record a timed sandbox change; retrying on the next tick");
+            }
+        }
+        if now - self.last_expiry_ms > 60_000 {
+            self.last_expiry_ms = now;
+            let before = now - IDEMPOTENCY_TTL_MS;
+            self.idempotency.retain(|_, rec| rec.created_at_ms >= before);
+            if let Err(error) = self.store.expire_idempotency_keys(before).await {
+                tracing::error!(error = %error_chain(&error), "cannot expire idempotency keys");
+            }
+        }
+    }
+
+    /// Retries placement if anything changed, then publishes the desired
+    /// state of every node that may have changed.
+    async fn settle(&mut self) {
+        if std::mem::take(&mut self.reschedule) {
+            self.schedule().await;
+        }
+        for node_id in std::mem::take(&mut self.dirty_nodes) {
+            let desired = self.desired_state(&node_id);
+            if let Some(node) = self.nodes.get(&node_id) {
+                node.desired.send_if_modified(|current| {
+                    if **current == *desired {
+                        false
+                    } else {
+                        *current = desired;
+                        true
+                    }
+                });
+            }
+        }
+    }
+
+    async fn schedule(&mut self) {
+        let mut pending: Vec<SandboxRecord> = self
+            .sandboxes
+            .values()
+            .map(|entry| &entry.record)
+            .filter(|r| r.state == SandboxState::Pending && r.node.is_none() && r.stop.is_none())
+            .cloned()
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        pending.sort_by_key(|record| record.seq);
+        let mut free = self.free_by_node();
+        for mut record in pending {
+            let choice = scheduler::pick(
+                free.iter().map(|(id, free)| (id.as_str(), free)),
+                &record.spec.resources,
+            )
+            .map(str::to_owned);
+            match choice {
+                Some(node) => {
+                    if let Some(f) = free.get_mut(&node) {
+                        f.reserve(&record.spec.resources);
+                    }
+                    record.node = Some(node);
+                    record.reason = None;
+                }
+                None if record.reason.as_deref() == Some("no_capacity") => continue,
+                None => record.reason = Some("no_capacity".to_owned()),
+            }
+            if let Err(error) = self.save(record).await {
+                tracing::error!(error = %error_chain(&error), "cannot record a placement");
+                self.reschedule = true;
+            }
+        }
+        // Saving placements asks for another pass; nothing is left to place.
+        self.reschedule = false;
+    }
+
+    /// Free resources of every schedulable node after its reservations.
+    fn free_by_node(&self) -> BTreeMap<String, Free> {
+        let mut free: BTreeMap<String, Free> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.registered && !node.lost)
+            .map(|(id, node)| (id.clone(), Free::of(&node.capacity)))
+            .collect();
+        for entry in self.sandboxes.values() {
+            let record = &entry.record;
+            if record.state.is_terminal() {
+                continue;
+            }
+            if let Some(f) = record.node.as_ref().and_then(|node| free.get_mut(node)) {
+                f.reserve(&record.spec.resources);
+            }
+        }
+        free
+    }
+
+    fn desired_state(&self, node_id: &str) -> Arc<proto::DesiredState> {
+        let mut sandboxes: Vec<proto::DesiredSandbox> = self
+            .sandboxes
+            .values()
+            .filter(|entry| entry.record.node.as_deref() == Some(node_id))
+            .filter(|entry| {
+                let record = &entry.record;
+                // node_lost sandboxes are omitted so that a node coming back
+                // destroys them.
+                !record.state.is_terminal()
+                    || (entry.retained
+                        && !record.deleted
+                        && record.reason.as_deref() != Some("node_lost"))
+            })
+            .map(|entry| desired_sandbox(&entry.record))
+            .collect();
+        sandboxes.sort_by(|a, b| {
+            let id = |s: &proto::DesiredSandbox| s.spec.as_ref().map(|spec| spec.id.clone());
+            id(a).cmp(&id(b))
+        });
+        Arc::new(proto::DesiredState { sandboxes })
+    }
+
+    /// Writes a sandbox through to the store, then to memory, and tells
+    /// whoever watches.
+    async fn save(&mut self, record: SandboxRecord) -> Result<(), StoreError> {
+        self.store.put_sandbox(&record).await?;
+        let now = now_ms();
+        if let Some(node) = &record.node {
+            self.dirty_nodes.insert(node.clone());
+        }
+        let view = Arc::new(self.view(&record));
+        match self.sandboxes.get_mut(&record.id) {
+            Some(entry) => {
+                if let Some(old) = &entry.record.node
+                    && record.node.as_ref() != Some(old)
+                {
+                    self.dirty_nodes.insert(old.clone());
+                }
+                if record.state.is_terminal() != entry.record.state.is_terminal() {
+                    self.reschedule = true;
+                }
+                entry.record = record;
+            }
+            None => {
+                self.reschedule = true;
+                self.sandboxes.insert(
+                    record.id.clone(),
+                    Entry { record, last_activity_ms: now, retained: true },
+                );
+            }
+        }
+        // Nobody listening is fine.
+        let _ = self.events.send(view);
+        Ok(())
+    }
+
+    fn view(&self, record: &SandboxRecord) -> Sandbox {
+        let proxy_url = record
+            .node
+            .as_ref()
+            .and_then(|node| self.nodes.get(node))
+            .map(|node| node.proxy_url.as_str())
+            .filter(|url| !url.is_empty());
+        let urls = match proxy_url {
+            Some(proxy) if !record.state.is_terminal() => record
+                .spec
+                .ports
+                .iter()
+                .map(|port| (port.to_string(), format!("{proxy}/{}/{port}/", record.id)))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        Sandbox {
+            id: record.id.clone(),
+            namespace: record.namespace.clone(),
+            state: record.state,
+            reason: record.reason.clone(),
+            exit_code: record.exit_code,
+            image: record.spec.image.clone(),
+            command: record.spec.command.clone(),
+            resources: record.spec.resources.clone(),
+            network: record.spec.network.clone(),
+            ports: record.spec.ports.clone(),
+            tags: record.tags.clone(),
+            created_at: rfc3339(record.created_at_ms),
+            started_at: record.started_at_ms.map(rfc3339),
+            finished_at: record.finished_at_ms.map(rfc3339),
+            deadline: (!record.state.is_terminal()).then(|| rfc3339(record.deadline_ms)),
+            idle_timeout_secs: record.idle_timeout_secs,
+            node: record.node.clone(),
+            urls,
+        }
+    }
+}
+
+/// Asks for a sandbox to stop; one that was never placed ends at once.
+fn stop_record(record: &mut SandboxRecord, reason: &str, grace_secs: u32) {
+    record.stop = Some(StopRequest { reason: reason.to_owned(), grace_secs });
+    if record.node.is_none() {
+        finish_stopped(record, None, now_ms());
+    }
+}
+
+/// Records the end of a sandbox the server asked to stop.
+fn finish_stopped(record: &mut SandboxRecord, exit_code: Option<i32>, now: i64) {
+    record.state = SandboxState::Terminated;
+    record.reason =
+        record.stop.as_ref().map(|stop| stop.reason.clone()).or(Some("stopped".to_owned()));
+    record.exit_code = exit_code;
+    record.finished_at_ms.get_or_insert(now);
+}
+
+/// The record after a node's observation, or `None` if nothing changed.
+fn apply_observed(
+    record: &SandboxRecord,
+    observed: &proto::ObservedSandbox,
+    now: i64,
+) -> Option<SandboxRecord> {
+    if record.state.is_terminal() {
+        return None;
+    }
+    // Most reports repeat what the server already knows; answer those
+    // without copying the record (a node reports every sandbox each time).
+    let phase = observed.phase;
+    let unchanged = match record.state {
+        SandboxState::Running => {
+            phase == proto::ObservedPhase::ObservedRunning as i32 && record.started_at_ms.is_some()
+        }
+        SandboxState::Pending | SandboxState::Creating => {
+            phase == proto::ObservedPhase::ObservedCreating as i32
+                && (record.state == SandboxState::Creating || observed.reason == "pulling_image")
+                && record.reason.as_deref().unwrap_or("") == observed.reason
+                && (observed.started_at_ms <= 0 || record.started_at_ms.is_some())
+        }
+        _ => false,
+    };
+    if unchanged {
+        return None;
+    }
+    let mut next = record.clone();
+    let phase = proto::ObservedPhase::try_from(observed.phase)
+        .unwrap_or(proto::ObservedPhase::ObservedFailed);
+    let reason = (!observed.reason.is_empty()).then(|| observed.reason.clone());
+    let finished = || Some(if observed.finished_at_ms > 0 { observed.finished_at_ms } else { now });
+    match phase {
+        proto::ObservedPhase::ObservedCreating => {
+            // The contract shows a sandbox waiting for its image as
+            // `pending`/`pulling_image`; once the pull is done it is `creating`.
+            if reason.as_deref() == Some("pulling_image") && next.state == SandboxState::Pending {
+                next.reason = reason;
+            } else if matches!(next.state, SandboxState::Pending | SandboxState::Creating) {
+                next.state = SandboxState::Creating;
+                next.reason = reason;
+            }
+        }
+        proto::ObservedPhase::ObservedRunning => {
+            next.state = SandboxState::Running;
+            next.reason = None;
+            if next.started_at_ms.is_none() {
+                next.started_at_ms =
+                    Some(if observed.started_at_ms > 0 { observed.started_at_ms } else { now });
+            }
+        }
+        proto::ObservedPhase::ObservedExited
+        | proto::ObservedPhase::ObservedStopped
+        | proto::ObservedPhase::ObservedFailed
+            if next.stop.is_some() =>
+        {
+            next.finished_at_ms = finished();
+            finish_stopped(&mut next, observed.exit_code, now);
+        }
+        proto::ObservedPhase::ObservedExited => {
+            let code = observed.exit_code.unwrap_or(-1);
+            next.state = if code == 0 { SandboxState::Completed } else { SandboxState::Failed };
+            next.reason =
+                Some(reason.filter(|r| r == "oom").unwrap_or_else(|| "exited".to_owned()));
+            next.exit_code = Some(code);
+            next.finished_at_ms = finished();
+        }
+        proto::ObservedPhase::ObservedStopped => {
+            next.state = SandboxState::Terminated;
+            next.reason = Some("stopped".to_owned());
+            next.exit_code = observed.exit_code;
+            next.finished_at_ms = finished();
+        }
+        proto::ObservedPhase::ObservedFailed => {
+            next.state = SandboxState::Failed;
+            next.reason = Some(reason.unwrap_or_else(|| "start_failed".to_owned()));
+            next.exit_code = observed.exit_code;
+            next.finished_at_ms = finished();
+        }
+    }
+    if next.started_at_ms.is_none() && observed.started_at_ms > 0 {
+        next.started_at_ms = Some(observed.started_at_ms);
+    }
+    (next != *record).then_some(next)
+}
+
+fn desired_sandbox(record: &SandboxRecord) -> proto::DesiredSandbox {
+    let spec = &record.spec;
+    let stop = record.stop.as_ref();
+    proto::DesiredSandbox {
+        spec: Some(proto::SandboxSpec {
+            id: record.id.clone(),
+            namespace: record.namespace.clone(),
+            image: spec.image.clone(),
+            command: spec.command.clone(),
+            env: spec.env.clone().into_iter().collect(),
+            working_dir: spec.working_dir.clone().unwrap_or_default(),
+            user: spec.user.clone().unwrap_or_default(),
+            resources: Some(proto::Resources {
+                cpus: spec.resources.cpus,
+                memory_mb: spec.resources.memory_mb,
+                disk_mb: spec.resources.disk_mb,
+                pids: spec.resources.pids,
+            }),
+            egress: match spec.network.egress {
+                Egress::None => proto::Egress::None as i32,
+                Egress::Internet => proto::Egress::Internet as i32,
+            },
+            ports: spec.ports.iter().map(|&port| u32::from(port)).collect(),
+        }),
+        phase: if stop.is_some() { proto::Phase::Stop as i32 } else { proto::Phase::Run as i32 },
+        grace_secs: stop.map_or(0, |stop| stop.grace_secs),
+    }
+}
+
+fn resources_from_proto(resources: Option<&proto::Resources>) -> Resources {
+    resources.map_or(Resources { cpus: 0.0, memory_mb: 0, disk_mb: 0, pids: 0 }, |r| Resources {
+        cpus: r.cpus,
+        memory_mb: r.memory_mb,
+        disk_mb: r.disk_mb,
+        pids: r.pids,
+    })
+}
+
+fn namespace_view(record: &NamespaceRecord) -> Namespace {
+    Namespace { name: record.name.clone(), created_at: rfc3339(record.created_at_ms) }
+}
+
+fn secs_to_ms(secs: u64) -> i64 {
+    i64::try_from(secs).unwrap_or(i64::MAX / 1000).saturating_mul(1000)
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// An error and its sources on one line, for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

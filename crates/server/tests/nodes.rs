@@ -1,0 +1,358 @@
+//! The server and a dataplane speaking the real gRPC protocol: placement,
+//! the lifecycle as nodes observe it, stops, timeouts, node loss, SSE, and
+//! a restart of the server.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use common::{FakeNode, TestServer, capacity, exited, id_of, observed};
+use futures_util::StreamExt;
+use hutch_proto::node::{ObservedPhase, Phase, RegisterRequest};
+use serde_json::{Value, json};
+
+fn desires(state: &hutch_proto::node::DesiredState, id: &str) -> bool {
+    state.sandboxes.iter().any(|s| s.spec.as_ref().is_some_and(|spec| spec.id == id))
+}
+
+#[tokio::test]
+async fn a_command_that_exits_zero_completes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    let sandbox = server
+        .create(
+            "default",
+            json!({"image": "busybox", "command": ["true"], "env": {"A": "1"}, "ports": [8000]}),
+        )
+        .await?;
+    let id = id_of(&sandbox);
+    assert_eq!(sandbox["node"], "node-1");
+    assert_eq!(sandbox["urls"]["8000"], format!("http://127.0.0.1:1/{id}/8000/"));
+
+    let desired = node.wait_phase(&id, Phase::Run).await?;
+    let spec = desired.sandboxes[0].spec.clone().context("no spec")?;
+    assert_eq!(
+        (spec.image.as_str(), spec.command.as_slice()),
+        ("busybox", &["true".to_owned()][..])
+    );
+    assert_eq!(spec.env.get("A").map(String::as_str), Some("1"));
+    assert_eq!(spec.namespace, "default");
+    assert_eq!(spec.resources.map(|r| r.memory_mb), Some(512));
+
+    node.report(vec![ObservedSandbox {
+        reason: "pulling_image".into(),
+        ..observed(&id, ObservedPhase::ObservedCreating)
+    }])
+    .await?;
+    let pulling = server.wait_for("default", &id, |s| s["reason"] == "pulling_image").await?;
+    assert_eq!(pulling["state"], "pending");
+    node.report(vec![observed(&id, ObservedPhase::ObservedCreating)]).await?;
+    let creating = server.wait_state("default", &id, "creating").await?;
+    assert!(creating["reason"].is_null(), "{creating}");
+    node.report(vec![observed(&id, ObservedPhase::ObservedRunning)]).await?;
+    let running = server.wait_state("default", &id, "running").await?;
+    assert!(running["started_at"].is_string());
+    node.report(vec![exited(&id, 0)]).await?;
+    let done = server.wait_state("default", &id, "completed").await?;
+    assert_eq!((done["reason"].as_str(), done["exit_code"].as_i64()), (Some("exited"), Some(0)));
+    assert!(done["finished_at"].is_string());
+    // Kept on the node (logs stay readable) during retention.
+    assert!(desires(&node.latest, &id));
+    Ok(())
+}
+
+use hutch_proto::node::ObservedSandbox;
+
+#[tokio::test]
+async fn non_zero_exits_and_node_failures_fail() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    let a = id_of(&server.create("default", json!({"command": ["false"]})).await?);
+    let b = id_of(&server.create("default", json!({"image": "nope"})).await?);
+    node.wait_desired(|state| desires(state, &a) && desires(state, &b)).await?;
+    let failed_pull = ObservedSandbox {
+        reason: "image_pull_failed".into(),
+        message: "manifest unknown".into(),
+        ..observed(&b, ObservedPhase::ObservedFailed)
+    };
+    node.report(vec![exited(&a, 3), failed_pull]).await?;
+    let a = server.wait_state("default", &a, "failed").await?;
+    assert_eq!((a["reason"].as_str(), a["exit_code"].as_i64()), (Some("exited"), Some(3)));
+    let b = server.wait_state("default", &b, "failed").await?;
+    assert_eq!(b["reason"], "image_pull_failed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_asks_the_node_and_ends_terminated() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    let id = id_of(&server.create("default", json!({})).await?);
+    node.wait_phase(&id, Phase::Run).await?;
+    node.report(vec![observed(&id, ObservedPhase::ObservedRunning)]).await?;
+    server.wait_state("default", &id, "running").await?;
+
+    let url = format!("{}/{id}/stop", server.sandboxes("default"));
+    let response = server
+        .http
+        .post(url)
+        .bearer_auth(&server.admin_key)
+        .json(&json!({"grace_secs": 3}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    let desired = node.wait_phase(&id, Phase::Stop).await?;
+    assert_eq!(desired.sandboxes[0].grace_secs, 3);
+    // Still running until the node says it stopped.
+    assert_eq!(server.get("default", &id).await?["state"], "running");
+    node.report(vec![observed(&id, ObservedPhase::ObservedStopped)]).await?;
+    let stopped = server.wait_state("default", &id, "terminated").await?;
+    assert_eq!(stopped["reason"], "stopped");
+    Ok(())
+}
+
+#[tokio::test]
+async fn delete_stops_and_forgets() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    let id = id_of(&server.create("default", json!({})).await?);
+    node.wait_phase(&id, Phase::Run).await?;
+    node.report(vec![observed(&id, ObservedPhase::ObservedRunning)]).await?;
+    server.wait_state("default", &id, "running").await?;
+    let url = format!("{}/{id}", server.sandboxes("default"));
+    let response = server.http.delete(&url).bearer_auth(&server.admin_key).send().await?;
+    assert_eq!(response.status(), 202);
+    node.wait_phase(&id, Phase::Stop).await?;
+    node.report(vec![observed(&id, ObservedPhase::ObservedStopped)]).await?;
+    // Gone from the node's desired state and from the API.
+    node.wait_desired(|state| !desires(state, &id)).await?;
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    while server.http.get(&url).bearer_auth(&server.admin_key).send().await?.status() != 404 {
+        assert!(tokio::time::Instant::now() < deadline, "deleted sandbox still visible");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn deadlines_stop_with_reason_timeout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    let id = id_of(&server.create("default", json!({"timeout_secs": 1})).await?);
+    node.wait_phase(&id, Phase::Run).await?;
+    node.report(vec![observed(&id, ObservedPhase::ObservedRunning)]).await?;
+    node.wait_phase(&id, Phase::Stop).await?;
+    node.report(vec![ObservedSandbox {
+        exit_code: Some(143),
+        ..observed(&id, ObservedPhase::ObservedExited)
+    }])
+    .await?;
+    let done = server.wait_state("default", &id, "terminated").await?;
+    assert_eq!(done["reason"], "timeout");
+    Ok(())
+}
+
+#[tokio::test]
+async fn idle_sandboxes_stop_with_reason_idle_timeout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    let id = id_of(&server.create("default", json!({"idle_timeout_secs": 1})).await?);
+    node.wait_phase(&id, Phase::Run).await?;
+    node.report(vec![observed(&id, ObservedPhase::ObservedRunning)]).await?;
+    node.wait_phase(&id, Phase::Stop).await?;
+    node.report(vec![observed(&id, ObservedPhase::ObservedStopped)]).await?;
+    let done = server.wait_state("default", &id, "terminated").await?;
+    assert_eq!(done["reason"], "idle_timeout");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_silent_node_is_lost_and_its_sandboxes_fail() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    let id = id_of(&server.create("default", json!({})).await?);
+    node.wait_phase(&id, Phase::Run).await?;
+    node.report(vec![observed(&id, ObservedPhase::ObservedRunning)]).await?;
+    server.wait_state("default", &id, "running").await?;
+    // The node says nothing more; node_timeout_ms is 1000 in tests.
+    node.go_silent();
+    let lost = server.wait_state("default", &id, "failed").await?;
+    assert_eq!(lost["reason"], "node_lost");
+    let metrics = server.http.get(server.url("/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("hutch_nodes{status=\"lost\"} 1"), "{metrics}");
+    // When it comes back, the lost sandbox is no longer desired (destroyed).
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    node.report(vec![observed(&id, ObservedPhase::ObservedRunning)]).await?;
+    node.wait_desired(|state| !desires(state, &id)).await?;
+    assert_eq!(server.get("default", &id).await?["state"], "failed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_capacity_waits_pending_until_a_node_fits() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut small =
+        FakeNode::connect(&server, "small", capacity(1.0, 1024), "http://127.0.0.1:1").await?;
+    let first = id_of(&server.create("default", json!({"resources": {"memory_mb": 1024}})).await?);
+    small.wait_phase(&first, Phase::Run).await?;
+    // The small node is full now.
+    let second = server.create("default", json!({"resources": {"memory_mb": 1024}})).await?;
+    assert_eq!(
+        (second["state"].as_str(), second["reason"].as_str()),
+        (Some("pending"), Some("no_capacity"))
+    );
+    assert!(second["node"].is_null());
+    let second = id_of(&second);
+
+    // Finishing the first frees the small node, and the second is placed.
+    small.report(vec![exited(&first, 0)]).await?;
+    small.wait_phase(&second, Phase::Run).await?;
+    let placed = server.wait_for("default", &second, |s| s["node"] == "small").await?;
+    assert!(placed["reason"].is_null(), "{placed}");
+
+    // A node that registers takes what no node had room for.
+    let third = server.create("default", json!({"resources": {"memory_mb": 2048}})).await?;
+    assert_eq!(third["reason"], "no_capacity");
+    let third = id_of(&third);
+    let mut big =
+        FakeNode::connect(&server, "big", capacity(8.0, 8192), "http://127.0.0.1:2").await?;
+    big.wait_phase(&third, Phase::Run).await?;
+    server.wait_for("default", &third, |s| s["node"] == "big" && s["reason"].is_null()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn nodes_need_the_node_token_and_registration() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut wrong = common::client(server.grpc, "not-the-token").await?;
+    let request = RegisterRequest {
+        node_id: "n".into(),
+        capacity: Some(capacity(1.0, 1024)),
+        proxy_url: "http://127.0.0.1:1".into(),
+        version: String::new(),
+    };
+    let status = wrong.register(request).await.expect_err("registered without the token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
+    // A report from a node that never registered is refused on the stream.
+    let mut client = common::client(server.grpc, &server.node_token).await?;
+    let report = hutch_proto::node::NodeReport {
+        node_id: "stranger".into(),
+        capacity: None,
+        sandboxes: vec![],
+    };
+    let mut stream = client.sync(tokio_stream::iter(vec![report])).await?.into_inner();
+    let answer =
+        tokio::time::timeout(common::DEADLINE, stream.next()).await?.context("stream ended")?;
+    assert_eq!(answer.expect_err("accepted a stranger").code(), tonic::Code::FailedPrecondition);
+    Ok(())
+}
+
+#[tokio::test]
+async fn events_stream_state_changes_until_terminal() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    let id = id_of(&server.create("default", json!({"command": ["true"]})).await?);
+    let response = server
+        .http
+        .get(format!("{}/{id}/events", server.sandboxes("default")))
+        .bearer_auth(&server.admin_key)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str()?.starts_with("text/event-stream"));
+    node.wait_phase(&id, Phase::Run).await?;
+    node.report(vec![observed(&id, ObservedPhase::ObservedCreating)]).await?;
+    server.wait_state("default", &id, "creating").await?;
+    node.report(vec![observed(&id, ObservedPhase::ObservedRunning)]).await?;
+    server.wait_state("default", &id, "running").await?;
+    node.report(vec![exited(&id, 0)]).await?;
+
+    // The stream ends by itself after the terminal state.
+    let body = tokio::time::timeout(common::DEADLINE, response.text()).await??;
+    let states: Vec<String> = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
+        .map(|sandbox| sandbox["state"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(body.contains("event: state"), "{body}");
+    assert_eq!(states.first().map(String::as_str), Some("pending"), "{body}");
+    assert_eq!(states.last().map(String::as_str), Some("completed"), "{body}");
+    assert!(
+        states.contains(&"creating".to_owned()) && states.contains(&"running".to_owned()),
+        "{body}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restarted_server_keeps_its_state() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let key = server.namespace_with_key("team").await?;
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    let running = id_of(&server.create("team", json!({"tags": {"keep": "me"}})).await?);
+    let done = id_of(&server.create("team", json!({"command": ["true"]})).await?);
+    node.wait_desired(|state| desires(state, &running) && desires(state, &done)).await?;
+    node.report(vec![observed(&running, ObservedPhase::ObservedRunning), exited(&done, 0)]).await?;
+    server.wait_state("team", &done, "completed").await?;
+    server.wait_state("team", &running, "running").await?;
+    let idem = server
+        .http
+        .post(server.sandboxes("team"))
+        .bearer_auth(&key)
+        .header("Idempotency-Key", "once")
+        .json(&json!({}))
+        .send()
+        .await?
+        .json::<Value>()
+        .await?;
+    let before = server.get("team", &running).await?;
+    drop(node);
+    server.stop().await?;
+
+    let server = TestServer::start(dir.path()).await?;
+    let after = server.get("team", &running).await?;
+    assert_eq!(after, before);
+    assert_eq!(server.get("team", &done).await?["state"], "completed");
+    // The namespace key, and the idempotency key, are remembered.
+    let again = server
+        .http
+        .post(server.sandboxes("team"))
+        .bearer_auth(&key)
+        .header("Idempotency-Key", "once")
+        .json(&json!({}))
+        .send()
+        .await?;
+    assert_eq!(again.status(), 200);
+    assert_eq!(id_of(&again.json().await?), id_of(&idem));
+    // The node reconnects and gets its sandboxes back.
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    node.wait_phase(&running, Phase::Run).await?;
+    node.report(vec![observed(&running, ObservedPhase::ObservedRunning)]).await?;
+    assert_eq!(server.get("team", &running).await?["state"], "running");
+    Ok(())
+}
