@@ -97,19 +97,8 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 }
 
 async fn unix(socket: &Path, method: &str, path: &str, body: String) -> anyhow::Result<()> {
-    let stream = tokio::net::UnixStream::connect(socket).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "sandboxd")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))?;
-    let response = sender.send_request(request).await?;
-    anyhow::ensure!(response.status().is_success(), "{}", response.status());
-    response.into_body().collect().await?;
+    let (status, _) = hutch_testkit::sandboxd_request(socket, method, path, Some(body)).await?;
+    anyhow::ensure!((200..300).contains(&status), "{status}");
     Ok(())
 }
 

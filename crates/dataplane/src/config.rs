@@ -1,10 +1,13 @@
 //! What an operator configures (`hutch dataplane --config FILE`) and the
 //! capacity the node offers when the operator does not say.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use sha2::Digest as _;
 
 /// Configuration of one dataplane. Every field has a default, so an empty
 /// YAML document is a valid configuration.
@@ -20,8 +23,10 @@ pub struct DataplaneConfig {
     pub node_token: String,
     /// Specs of the node's sandboxes, the image store and the driver's files.
     pub data_dir: PathBuf,
-    /// Per-sandbox run state (sockets, logs); `<data_dir>/run` when unset. A
-    /// tmpfs such as `/run/hutch` suits it: sandboxes do not survive a reboot.
+    /// Per-sandbox run state (sockets, logs, state records). Sandboxes do not
+    /// survive a reboot, so it belongs on a tmpfs; when unset, a directory named
+    /// after `data_dir` beneath `/run/hutch` or `/dev/shm/hutch`, whichever is a
+    /// tmpfs (see [`DataplaneConfig::resolve_run_dir`]).
     pub run_dir: Option<PathBuf>,
     /// How the server reaches this node's proxy.
     pub proxy_url: String,
@@ -47,6 +52,11 @@ pub struct DataplaneConfig {
     pub cgroup_parent: Option<String>,
     /// Registries (`host:port`) pulled from over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// Credentials per registry, keyed by its host (and port) as image references
+    /// name it (`docker.io` for Docker Hub). Sandbox images are pulled with them, and
+    /// so is an image API pull that brings no credentials of its own; other
+    /// registries are spoken to anonymously.
+    pub registries: BTreeMap<String, RegistryLogin>,
     /// How often a report is sent when nothing changes.
     #[serde(with = "millis")]
     pub report_interval: Duration,
@@ -70,13 +80,14 @@ impl Default for DataplaneConfig {
             sandboxd_path: PathBuf::from("/usr/local/lib/hutch/sandboxd"),
             cgroup_parent: None,
             insecure_registries: Vec::new(),
+            registries: BTreeMap::new(),
             report_interval: Duration::from_secs(2),
         }
     }
 }
 
 /// Top-level keys that `HUTCH_<KEY>` may set (nested: `HUTCH_CAPACITY_<KEY>`).
-const KEYS: [&str; 15] = [
+const KEYS: [&str; 16] = [
     "node_id",
     "server_url",
     "node_token",
@@ -91,6 +102,7 @@ const KEYS: [&str; 15] = [
     "sandboxd_path",
     "cgroup_parent",
     "insecure_registries",
+    "registries",
     "report_interval",
 ];
 const CAPACITY_KEYS: [&str; 4] = ["cpus", "memory_mb", "disk_mb", "pids"];
@@ -126,7 +138,9 @@ impl DataplaneConfig {
             if let Some(value) = env.get(&format!("HUTCH_{}", key.to_uppercase())) {
                 // Strings stay strings even when they look like numbers (a token "123").
                 let value = match key {
-                    "network" | "report_interval" | "insecure_registries" => scalar(value),
+                    "network" | "report_interval" | "insecure_registries" | "registries" => {
+                        scalar(value)
+                    }
                     _ => Value::String(value.clone()),
                 };
                 root.insert(Value::String(key.to_owned()), value);
@@ -161,8 +175,49 @@ impl DataplaneConfig {
         Ok(net)
     }
 
-    pub(crate) fn run_dir(&self) -> PathBuf {
-        self.run_dir.clone().unwrap_or_else(|| self.data_dir.join("run"))
+    /// How to authenticate to the registry of `reference`: the configured login
+    /// for its host, else anonymously.
+    pub(crate) fn registry_auth(&self, reference: &str) -> hutch_image::RegistryAuth {
+        let login = hutch_image::normalize_reference(reference).ok().and_then(|normalized| {
+            let host = normalized.split('/').next()?;
+            self.registries.get(host)
+        });
+        match login {
+            Some(login) => hutch_image::RegistryAuth::Basic {
+                username: login.username.clone(),
+                password: login.password.clone(),
+            },
+            None => hutch_image::RegistryAuth::Anonymous,
+        }
+    }
+
+    /// The run dir: `run_dir` when set. Otherwise `<data_dir>/run` if it exists
+    /// (a node set up before run dirs moved to tmpfs: its sandboxes live there),
+    /// else `hutch/<digest of data_dir>` beneath the first tmpfs of `/run` and
+    /// `/dev/shm`, else `<data_dir>/run`.
+    ///
+    /// Why a tmpfs: every create makes and every destroy removes a handful of
+    /// directories and files there, and on ext4 allocating an inode while many were
+    /// freed in the last seconds scans past them (`recently_deleted`), which made
+    /// inode allocation the largest single cost of a burst of creates.
+    pub fn resolve_run_dir(&self) -> std::io::Result<PathBuf> {
+        if let Some(dir) = &self.run_dir {
+            return Ok(dir.clone());
+        }
+        let legacy = self.data_dir.join("run");
+        if legacy.is_dir() {
+            return Ok(legacy);
+        }
+        for base in ["/run", "/dev/shm"] {
+            if is_tmpfs(Path::new(base)) {
+                let parent = Path::new(base).join("hutch");
+                private_dir(&parent)?;
+                let absolute = std::path::absolute(&self.data_dir)?;
+                let digest = sha2::Sha256::digest(absolute.as_os_str().as_encoded_bytes());
+                return Ok(parent.join(hex::encode(&digest[..8])));
+            }
+        }
+        Ok(legacy)
     }
 
     pub(crate) fn cgroup_parent(&self) -> String {
@@ -174,6 +229,60 @@ impl DataplaneConfig {
                 .collect();
             format!("hutch-{safe}")
         })
+    }
+}
+
+/// Whether `path` is on a tmpfs.
+fn is_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct we pass for a NUL-terminated path.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type == libc::TMPFS_MAGIC
+    }
+}
+
+/// Makes `dir` a directory only root can enter, or checks that it is one. `/dev/shm`
+/// is world-writable: another user could have put a symlink or a directory of theirs
+/// there first, which we must not follow or use.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} is not a directory of ours with mode 0700", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// A user name and password (or token) for one registry: HTTP basic auth, or the
+/// credentials for the registry's token service.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryLogin {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for RegistryLogin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The configuration is logged at start-up; the password must not be.
+        f.debug_struct("RegistryLogin")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
     }
 }
 
@@ -315,7 +424,7 @@ mod tests {
                     report_interval: 500\n";
         let config: DataplaneConfig = serde_yaml::from_str(yaml).unwrap();
         assert_eq!((config.node_id.as_str(), config.node_token.as_str()), ("n1", "t"));
-        assert_eq!(config.run_dir(), PathBuf::from("/tmp/dp/run"));
+        assert!(config.run_dir.is_none());
         assert_eq!(config.capacity.cpus, Some(4.0));
         assert_eq!(config.capacity.disk_mb, None);
         assert_eq!(config.report_interval, Duration::from_millis(500));
@@ -345,6 +454,71 @@ mod tests {
         let defaults = DataplaneConfig::from_yaml_and_env(None, []).unwrap();
         assert_eq!(defaults.server_url, "http://127.0.0.1:8901");
         assert!(DataplaneConfig::from_yaml_and_env(Some("- 1"), []).is_err());
+    }
+
+    #[test]
+    fn registry_logins_apply_to_their_host_only_and_are_never_printed() {
+        let env = [(
+            "HUTCH_REGISTRIES".to_owned(),
+            "{127.0.0.1:5000: {username: ci, password: s3cret}}".to_owned(),
+        )];
+        let yaml = "registries:\n  docker.io: {username: hub, password: hubpass}\n";
+        let config = DataplaneConfig::from_yaml_and_env(Some(yaml), env).unwrap();
+        // The environment replaces the whole map, as for every other key.
+        assert_eq!(config.registries.len(), 1);
+        assert!(matches!(
+            config.registry_auth("127.0.0.1:5000/team/app:1"),
+            hutch_image::RegistryAuth::Basic { ref username, ref password }
+                if username == "ci" && password == "s3cret"
+        ));
+        assert!(matches!(config.registry_auth("busybox"), hutch_image::RegistryAuth::Anonymous));
+        assert!(matches!(
+            config.registry_auth("127.0.0.1:5001/team/app"),
+            hutch_image::RegistryAuth::Anonymous
+        ));
+        let hub: DataplaneConfig = serde_yaml::from_str(yaml).unwrap();
+        assert!(matches!(
+            hub.registry_auth("busybox"),
+            hutch_image::RegistryAuth::Basic { ref username, .. } if username == "hub"
+        ));
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(serde_yaml::from_str::<DataplaneConfig>("registries: {r: {username: u}}").is_err());
+    }
+
+    #[test]
+    fn run_dir_defaults_to_a_private_tmpfs_dir_named_after_the_data_dir() {
+        let data = tempfile::tempdir().unwrap();
+        let config = DataplaneConfig { data_dir: data.path().join("a"), ..Default::default() };
+        let dir = config.resolve_run_dir().unwrap();
+        assert_eq!(dir, config.resolve_run_dir().unwrap(), "stable across calls");
+        if is_tmpfs(Path::new("/run")) || is_tmpfs(Path::new("/dev/shm")) {
+            assert!(is_tmpfs(dir.parent().unwrap()), "{dir:?}");
+            let meta = std::fs::metadata(dir.parent().unwrap()).unwrap();
+            assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o700);
+        }
+        let other = DataplaneConfig { data_dir: data.path().join("b"), ..Default::default() };
+        assert_ne!(other.resolve_run_dir().unwrap(), dir);
+        // A node whose sandboxes already live in <data_dir>/run keeps them there.
+        std::fs::create_dir_all(data.path().join("b/run")).unwrap();
+        assert_eq!(other.resolve_run_dir().unwrap(), data.path().join("b/run"));
+        let set = DataplaneConfig { run_dir: Some("/x".into()), ..Default::default() };
+        assert_eq!(set.resolve_run_dir().unwrap(), PathBuf::from("/x"));
+    }
+
+    #[test]
+    fn a_run_dir_parent_that_others_can_enter_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("hutch");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        assert!(private_dir(&open).is_err());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        assert!(private_dir(&link).is_err());
+        let fresh = dir.path().join("fresh");
+        private_dir(&fresh).unwrap();
+        private_dir(&fresh).unwrap();
     }
 
     #[test]

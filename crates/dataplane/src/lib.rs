@@ -28,7 +28,7 @@ use hutch_isolate::{Driver, DriverConfig, SandboxId};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use config::{Capacity, CapacityConfig, ConfigError, DataplaneConfig};
+pub use config::{Capacity, CapacityConfig, ConfigError, DataplaneConfig, RegistryLogin};
 pub use proxy::{
     BadRoute, HEADER_NODE_TOKEN, HEADER_SANDBOX_ID, HEADER_SANDBOX_PORT, Route, SANDBOXD_PORT,
     route,
@@ -94,9 +94,13 @@ impl Dataplane {
                 }
             }
         }
+        let run_dir = config.resolve_run_dir().map_err(|source| OpenDataplaneError::CreateDir {
+            path: data_dir.join("run"),
+            source,
+        })?;
         let mut driver = Driver::new(DriverConfig {
             state_dir: data_dir.join("driver"),
-            run_dir: config.run_dir(),
+            run_dir: run_dir.clone(),
             sandboxd_path: config.sandboxd_path.clone(),
             cgroup_parent: Some(config.cgroup_parent()),
         })?;
@@ -130,7 +134,8 @@ impl Dataplane {
         let capacity = Capacity::resolve(&config.capacity, &data_dir);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let create_slots = tokio::sync::Semaphore::new(cores.max(2));
-        let node = Arc::new(Node { driver, images, records, config, capacity, create_slots });
+        let node =
+            Arc::new(Node { driver, images, records, config, capacity, create_slots, run_dir });
         let owner = Owner::new(node.clone(), loaded);
         Ok(Self { node, owner })
     }
@@ -166,8 +171,13 @@ impl Dataplane {
         let _ = sync_task.await;
         let _ = proxy_task.await;
         let _ = owner_task.await;
-        // Sandboxes keep running across a restart; only an empty parent goes.
+        // Sandboxes keep running across a restart; only an empty parent goes, and
+        // an empty run dir we chose ourselves (one the operator configured stays, as
+        // does the parent of all derived ones, shared with other nodes).
         node.driver.cgroup_layout().release();
+        if node.config.run_dir.is_none() {
+            let _ = std::fs::remove_dir(&node.run_dir);
+        }
         Ok(())
     }
 }

@@ -75,7 +75,7 @@ async fn pull(node: &Node, req: Request<Incoming>) -> Response<BoxBody> {
     };
     let auth = match (request.username, request.password) {
         (Some(username), Some(password)) => RegistryAuth::Basic { username, password },
-        _ => RegistryAuth::Anonymous,
+        _ => node.config.registry_auth(&request.reference),
     };
     let (lines_tx, lines_rx) = mpsc::channel::<serde_json::Value>(64);
     let images = node.images.clone();

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicI64;
 use std::time::{Duration, Instant};
 
 use hutch_api::{ExitInfo, ProcessStatus};
-use hutch_image::{ImageStore, PullOptions, RegistryAuth};
+use hutch_image::{ImageStore, PullOptions};
 use hutch_isolate::{Driver, Egress, Limits, SandboxId, SandboxSpec, SandboxState};
 use hutch_proto::node;
 use tokio::sync::{mpsc, watch};
@@ -59,6 +59,8 @@ pub(crate) struct Node {
     /// work; a hundred at once would share the cores and all finish late,
     /// while a few at a time finish in order and the first are usable at once.
     pub create_slots: tokio::sync::Semaphore,
+    /// The driver's run dir, removed at shutdown when no sandbox is left in it.
+    pub run_dir: std::path::PathBuf,
 }
 
 impl Node {
@@ -606,7 +608,7 @@ async fn create(node: &Node, spec: &Spec) -> Result<bool, Failure> {
     } else {
         let image = node
             .images
-            .pull(&spec.image, RegistryAuth::Anonymous, node.pull_options(), None)
+            .pull(&spec.image, node.config.registry_auth(&spec.image), node.pull_options(), None)
             .await
             .map_err(|e| Failure { reason: reason::IMAGE_PULL_FAILED, message: error_chain(&e) })?;
         SandboxSpec::from_image(spec.id.clone(), &image)

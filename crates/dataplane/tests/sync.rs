@@ -31,7 +31,7 @@ async fn a_desired_sandbox_is_created_once_and_reported_creating_then_running() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let reports_before = node.server.report_count();
-    support::eventually(Duration::from_secs(10), || async {
+    hutch_testkit::eventually(Duration::from_secs(10), || async {
         node.server.report_count() > reports_before + 2
     })
     .await;
@@ -94,7 +94,7 @@ async fn stop_then_absence_stops_destroys_and_forgets() -> anyhow::Result<()> {
     let record = node.dir.path().join("data/sandboxes").join(format!("{id}.json"));
     let gone = || async { node.cgroup_ids().is_empty() && !run_dir.exists() && !record.exists() };
     assert!(
-        support::eventually(Duration::from_secs(10), gone).await,
+        hutch_testkit::eventually(Duration::from_secs(10), gone).await,
         "left: cgroups {:?}, run dir {}, record {}",
         node.cgroup_ids(),
         run_dir.exists(),
@@ -120,7 +120,7 @@ async fn a_restarted_dataplane_readopts_its_running_sandboxes() -> anyhow::Resul
     let registrations = node.server.registrations();
     node.open().await?;
     assert!(
-        support::eventually(Duration::from_secs(10), || async {
+        hutch_testkit::eventually(Duration::from_secs(10), || async {
             node.server.registrations() > registrations
         })
         .await
@@ -128,7 +128,7 @@ async fn a_restarted_dataplane_readopts_its_running_sandboxes() -> anyhow::Resul
     // The first report of the new session already lists it as running.
     let reports = node.server.report_count();
     assert!(
-        support::eventually(Duration::from_secs(10), || async {
+        hutch_testkit::eventually(Duration::from_secs(10), || async {
             node.server.report_count() > reports
         })
         .await

@@ -18,6 +18,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use hutch_testkit::bench::{env_or, ms, percentile, time_command, timed};
 use serde_json::json;
 use support::Platform;
 
@@ -113,7 +114,7 @@ fn main() -> anyhow::Result<()> {
 
     // `hutch run -- true` beside the others, in the same run.
     let env = platform.client_env();
-    let hutch_run = timed_command(run_iters, || {
+    let hutch_run = time_command(run_iters, || {
         Command::new(support::hutch_bin()).args(["run", "--", "true"]).envs(env.clone()).status()
     })?;
     let hutch_p50 = percentile(&hutch_run, 50);
@@ -121,7 +122,7 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     match Dockerd::start(dir.path()) {
         Ok(docker) => {
-            let samples = timed_command(run_iters, || {
+            let samples = time_command(run_iters, || {
                 docker
                     .cli()
                     .args(["run", "--rm", "--network", "none", "hutch-bench-busybox", "true"])
@@ -135,24 +136,17 @@ fn main() -> anyhow::Result<()> {
         Err(error) => eprintln!("docker skipped: {error:#}"),
     }
     let bundle = dir.path().join("bundle");
-    make_busybox_bundle(&bundle)?;
+    hutch_testkit::busybox_bundle(&bundle)?;
     let mut n = 0;
-    let crun = timed_command(run_iters, || {
+    let crun = time_command(run_iters, || {
         n += 1;
-        Command::new("unshare")
-            .args(["-m", "sh", "-c"])
-            .arg(format!(
-                "umount /sys/fs/cgroup/unified 2>/dev/null; exec crun run -b {} hutch-bench-{n}",
-                bundle.display()
-            ))
-            .stdin(Stdio::null())
-            .status()
+        hutch_testkit::crun_run(&bundle, &format!("hutch-bench-{n}")).status()
     });
     match crun {
         Ok(samples) => rows.push(row("`crun run` (busybox bundle, true)", &samples, "")),
         Err(error) => eprintln!("crun skipped: {error:#}"),
     }
-    let bwrap = timed_command(run_iters, || {
+    let bwrap = time_command(run_iters, || {
         Command::new("bwrap").args(["--unshare-all", "--ro-bind", "/", "/", "true"]).status()
     })?;
     rows.push(row("`bwrap --unshare-all --ro-bind / / true`", &bwrap, ""));
@@ -245,11 +239,7 @@ impl Dockerd {
         }
         // busybox-static as an image, built here: nothing is pulled.
         let rootfs = dir.join("busybox-rootfs");
-        std::fs::create_dir_all(rootfs.join("bin"))?;
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
-        for tool in ["sh", "true"] {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(tool))?;
-        }
+        hutch_testkit::busybox_rootfs(&rootfs, &["sh", "true"])?;
         let tar = dir.join("busybox.tar");
         let status =
             Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg(".").status()?;
@@ -291,71 +281,7 @@ impl Drop for Dockerd {
     }
 }
 
-/// An OCI bundle whose rootfs is busybox-static and whose process runs `true`.
-fn make_busybox_bundle(bundle: &Path) -> anyhow::Result<()> {
-    let bin = bundle.join("rootfs/bin");
-    std::fs::create_dir_all(&bin)?;
-    std::fs::copy("/bin/busybox", bin.join("busybox"))?;
-    for tool in ["sh", "true"] {
-        std::os::unix::fs::symlink("busybox", bin.join(tool))?;
-    }
-    let status = Command::new("runc").args(["spec", "--bundle"]).arg(bundle).status()?;
-    if !status.success() {
-        bail!("runc spec failed");
-    }
-    let path = bundle.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    config["process"]["terminal"] = false.into();
-    config["process"]["args"] = json!(["/bin/true"]);
-    config["root"]["readonly"] = true.into();
-    std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
-    Ok(())
-}
-
-fn timed(
-    iters: usize,
-    mut run: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<Vec<Duration>> {
-    let mut samples = Vec::with_capacity(iters);
-    for i in 0..iters + 3 {
-        let start = Instant::now();
-        run()?;
-        if i >= 3 {
-            samples.push(start.elapsed());
-        }
-    }
-    Ok(samples)
-}
-
-fn timed_command(
-    iters: usize,
-    mut run: impl FnMut() -> std::io::Result<std::process::ExitStatus>,
-) -> anyhow::Result<Vec<Duration>> {
-    timed(iters, || {
-        let status = run()?;
-        if !status.success() {
-            bail!("command failed: {status}");
-        }
-        Ok(())
-    })
-}
-
 fn row(name: &str, samples: &[Duration], target: &str) -> (String, String, String) {
     let figures = format!("{} | {}", ms(percentile(samples, 50)), ms(percentile(samples, 99)));
     (name.to_owned(), figures, target.to_owned())
-}
-
-fn percentile(samples: &[Duration], p: usize) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let index = (sorted.len() * p / 100).min(sorted.len().saturating_sub(1));
-    sorted.get(index).copied().unwrap_or_default()
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }

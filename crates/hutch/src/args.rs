@@ -27,6 +27,10 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Pull, import, list and remove images.
     Image(ImageArgs),
+    /// Show the dataplanes the server knows (admin).
+    Node(NodeArgs),
+    /// List, create and delete namespaces (admin).
+    Namespace(NamespaceArgs),
 }
 
 /// Where the platform is and who we are, for the client commands (`run`,
@@ -260,6 +264,40 @@ pub enum ImageCommand {
     Import { file: std::path::PathBuf },
     /// Remove an image.
     Rm { reference: String },
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    pub command: NodeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List nodes: state, cpus and memory allocated/capacity, sandboxes.
+    #[command(visible_alias = "list")]
+    Ls,
+    /// Show one node as JSON.
+    Get { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct NamespaceArgs {
+    #[command(subcommand)]
+    pub command: NamespaceCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NamespaceCommand {
+    /// List namespaces.
+    #[command(visible_alias = "list")]
+    Ls,
+    /// Create a namespace and print its name.
+    Create { name: String },
+    /// Delete a namespace: its keys stop working and its sandboxes are
+    /// stopped (reason `namespace_deleted`) and forgotten.
+    #[command(visible_alias = "delete")]
+    Rm { name: String },
 }
 
 /// `K=V`; the value may contain `=`, the key may not be empty.

@@ -194,6 +194,21 @@ impl Client {
         }
     }
 
+    /// `GET {path}` as JSON.
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        self.json(self.request(Method::GET, path)).await
+    }
+
+    pub async fn create_namespace(&self, name: &str) -> anyhow::Result<Value> {
+        let body = serde_json::json!({ "name": name });
+        self.json(self.request(Method::POST, "/namespaces").json(&body)).await
+    }
+
+    pub async fn delete_namespace(&self, name: &str) -> anyhow::Result<Value> {
+        let path = format!("/namespaces/{}", encode_segment(name));
+        self.json(self.request(Method::DELETE, &path)).await
+    }
+
     pub async fn list_images(&self) -> anyhow::Result<Value> {
         self.json(self.request(Method::GET, "/images")).await
     }

@@ -1,6 +1,6 @@
 //! The `hutch` command: the platform's own processes (`up`, `server`,
 //! `dataplane`, in [`platform`]) and the command-line client of its REST API
-//! (`run`, `sandbox ...`, `image ...`).
+//! (`run`, `sandbox ...`, `image ...`, `node ...`, `namespace ...`).
 //!
 //! Every failure ends in one line on stderr and a non-zero exit status:
 //! 2 for a command line that does not parse, 1 for anything else, and for
@@ -14,6 +14,8 @@ mod config;
 mod cp;
 mod daemon;
 mod image;
+mod namespace;
+mod node;
 mod platform;
 mod run;
 mod sandbox;
@@ -74,6 +76,8 @@ async fn dispatch(connection: ConnectionArgs, command: Command) -> anyhow::Resul
         Command::Run(args) => run::run(&connection, args).await,
         Command::Sandbox(args) => sandbox::sandbox(&connection, args).await,
         Command::Image(args) => image::image(&connection, args).await.map(|()| 0),
+        Command::Node(args) => node::node(&connection, args).await.map(|()| 0),
+        Command::Namespace(args) => namespace::namespace(&connection, args).await.map(|()| 0),
     }
 }
 

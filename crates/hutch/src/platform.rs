@@ -121,6 +121,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     override_capacity(&mut config, args.cpus, args.memory, args.disk);
+    // Registry settings come from the environment, as for `hutch dataplane`: a
+    // password does not belong on a command line that `ps` shows.
+    let registries = DataplaneConfig::from_yaml_and_env(
+        None,
+        std::env::vars()
+            .filter(|(key, _)| key == "HUTCH_REGISTRIES" || key == "HUTCH_INSECURE_REGISTRIES"),
+    )
+    .context("invalid HUTCH_REGISTRIES or HUTCH_INSECURE_REGISTRIES")?;
+    config.registries = registries.registries;
+    config.insecure_registries = registries.insecure_registries;
     let dataplane = Dataplane::open(config).await.context("cannot start the dataplane")?;
 
     let admin_key = data_dir.join("admin.key");

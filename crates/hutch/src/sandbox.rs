@@ -130,7 +130,7 @@ async fn list(client: &Client, args: ListArgs) -> anyhow::Result<u8> {
 }
 
 /// A JSON value as a table cell: strings bare, null as `-`.
-fn text(value: &Value) -> String {
+pub fn text(value: &Value) -> String {
     match value {
         Value::Null => "-".to_owned(),
         Value::String(s) if s.is_empty() => "-".to_owned(),

@@ -6,8 +6,9 @@ mod support;
 
 use std::time::Duration;
 
+use hutch_testkit::eventually;
 use serde_json::json;
-use support::{Sandboxd, eventually, finish};
+use support::{Sandboxd, finish};
 
 #[tokio::test]
 async fn exec_separates_the_streams_byte_for_byte_and_exits_with_the_code() {

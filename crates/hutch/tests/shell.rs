@@ -12,9 +12,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hutch_testkit::eventually;
 use nix::pty::{Winsize, openpty};
 use nix::sys::termios::{LocalFlags, tcgetattr};
-use support::{Sandboxd, eventually};
+use support::Sandboxd;
 
 fn set_size(master: &OwnedFd, rows: u16, cols: u16) {
     let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };

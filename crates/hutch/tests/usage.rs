@@ -26,6 +26,10 @@ async fn malformed_command_lines_exit_2_with_one_line() {
         &["sandbox", "ls", "--tag", "novalue"],
         &["sandbox", "rm"],
         &["image", "pull"],
+        &["node"],
+        &["node", "get"],
+        &["namespace", "create"],
+        &["namespace", "rm"],
         &["sandbox", "ls", "--url", "ftp://example.invalid"],
     ];
     for args in cases {
@@ -66,6 +70,8 @@ async fn an_unreachable_server_is_one_line_and_status_1() {
         &["sandbox", "rm", "abc"],
         &["run", "--", "true"],
         &["image", "ls"],
+        &["node", "ls"],
+        &["namespace", "rm", "team"],
     ] {
         let output = Hutch::new()
             .env("HUTCH_URL", "http://127.0.0.1:9")

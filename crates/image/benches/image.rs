@@ -15,8 +15,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use common::{LayerBuilder, Registry, busybox_layer, push};
+use common::{busybox_layer, push};
 use hutch_image::{ImageStore, PullOptions, RegistryAuth, extract};
+use hutch_testkit::{LayerBuilder, Registry, gzip};
 use oci_client::secrets::RegistryAuth as OciAuth;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -91,7 +92,7 @@ async fn run() -> Result<()> {
     summary("cached pull (metadata hit)", warm, None);
 
     // Unpack alone.
-    let gz = common::gzip(&layer);
+    let gz = gzip(&layer);
     let mut unpack = Vec::new();
     for i in 0..30 {
         let dest = scratch.path().join(format!("unpack-{i}"));
@@ -112,7 +113,7 @@ async fn run() -> Result<()> {
     }
     let many = many.tar();
     let many_bytes = 5000 * 4096;
-    for (what, bytes) in [("plain", many.clone()), ("gzip", common::gzip(&many))] {
+    for (what, bytes) in [("plain", many.clone()), ("gzip", gzip(&many))] {
         let mut samples = Vec::new();
         for i in 0..5 {
             let dest = scratch.path().join(format!("many-{what}-{i}"));

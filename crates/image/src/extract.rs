@@ -23,6 +23,7 @@
 //!   are dropped;
 //! - `.wh.<name>` becomes an overlayfs whiteout (a 0:0 character device that
 //!   we create ourselves) and `.wh..wh..opq` sets `trusted.overlay.opaque=y`
+//!   (and `user.overlay.opaque=y`, for overlays mounted in a user namespace)
 //!   on its directory, so the directory can be used directly as an overlayfs
 //!   lower directory.
 
@@ -347,7 +348,7 @@ impl Unpacker {
                 let dir = self.open_dir(parents, true, &shown)?;
                 set_opaque(&dir).map_err(|source| UnpackLayerError::CreateEntry {
                     path: shown,
-                    operation: "set trusted.overlay.opaque",
+                    operation: "set overlay.opaque",
                     source,
                 })?;
                 self.stats.whiteouts += 1;
@@ -615,16 +616,20 @@ fn remove_existing(dir: &OwnedFd, name: &[u8], shown: &str) -> Result<(), Unpack
     }
 }
 
-/// Marks a directory opaque for overlayfs.
+/// Marks a directory opaque for overlayfs: in `trusted.overlay.opaque`, which an
+/// overlay mounted by host root reads, and in `user.overlay.opaque`, which an overlay
+/// mounted inside a user namespace (`userxattr`) reads instead.
 fn set_opaque(dir: &OwnedFd) -> Result<(), Errno> {
-    let name = c"trusted.overlay.opaque";
     let value = b"y";
-    // SAFETY: `dir` is an open descriptor owned by the caller, `name` is a
-    // NUL-terminated C string and `value` points to `value.len()` readable bytes.
-    let rc = unsafe {
-        libc::fsetxattr(dir.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
-    };
-    Errno::result(rc).map(drop)
+    for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
+        // SAFETY: `dir` is an open descriptor owned by the caller, `name` is a
+        // NUL-terminated C string and `value` points to `value.len()` readable bytes.
+        let rc = unsafe {
+            libc::fsetxattr(dir.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        };
+        Errno::result(rc)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

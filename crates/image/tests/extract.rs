@@ -6,8 +6,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use common::LayerBuilder;
 use hutch_image::extract::{EntryPathError, UnpackLayerError, unpack_layer};
+use hutch_testkit::{LayerBuilder, gzip};
 
 /// A temp dir holding an empty layer dir and an "outside" dir with a secret,
 /// standing in for the host.
@@ -236,7 +236,7 @@ fn gzip_zstd_and_plain_layers_unpack_alike() -> Result<()> {
         .symlink("l", "d/f")
         .tar();
     let zstd = zstd::encode_all(&tar[..], 3)?;
-    for (what, bytes) in [("plain", tar.clone()), ("gzip", common::gzip(&tar)), ("zstd", zstd)] {
+    for (what, bytes) in [("plain", tar.clone()), ("gzip", gzip(&tar)), ("zstd", zstd)] {
         let scene = Scene::new()?;
         let stats = scene.unpack(&bytes)?;
         assert_eq!(stats.entries, 3, "{what}");
@@ -263,7 +263,7 @@ fn truncated_archive_is_an_error() -> Result<()> {
 fn decompression_bombs_stop_at_the_limits() -> Result<()> {
     use hutch_image::extract::{UnpackLimits, unpack_layer_with_limits};
     // 8 MiB of zeros compress to a few KiB.
-    let bomb = common::gzip(&LayerBuilder::new().file("zeros", &vec![0u8; 8 << 20], 0o644).tar());
+    let bomb = gzip(&LayerBuilder::new().file("zeros", &vec![0u8; 8 << 20], 0o644).tar());
     assert!(bomb.len() < 64 << 10);
     let scene = Scene::new()?;
     let limits = UnpackLimits { max_file_bytes: 1 << 20, ..UnpackLimits::default() };

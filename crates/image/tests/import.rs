@@ -5,8 +5,9 @@ mod common;
 use std::path::Path;
 
 use anyhow::Result;
-use common::{LayerBuilder, busybox_layer, gzip, image_config, sha256};
+use common::{busybox_layer, image_config};
 use hutch_image::{FetchLayerError, ImageStore, ImportImageError};
+use hutch_testkit::{LayerBuilder, gzip, sha256};
 use serde_json::json;
 
 /// Writes a plain tar of (name, content) members; names ending in `@link:T`

@@ -7,8 +7,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use anyhow::Result;
-use common::{LayerBuilder, Registry, busybox_layer, push, pushed_layer_digest};
+use common::{busybox_layer, push, pushed_layer_digest};
 use hutch_image::{ImageStore, PullFailure, PullOptions, PullPolicy, PullProgress, RegistryAuth};
+use hutch_testkit::{LayerBuilder, Registry, wait_until};
 use oci_client::secrets::RegistryAuth as OciAuth;
 
 fn options(registry: &Registry) -> PullOptions {
@@ -114,7 +115,7 @@ async fn cached_image_and_layers_are_not_downloaded_again() -> Result<()> {
             None,
         )
         .await?;
-    assert!(common::wait_until(Duration::from_secs(5), || registry.requests_matching(&blob) == 1));
+    assert!(wait_until(Duration::from_secs(5), || registry.requests_matching(&blob) == 1));
 
     // Same reference: answered from metadata, no request at all.
     let manifests_before = registry.requests_matching("/manifests/");
@@ -138,8 +139,7 @@ async fn cached_image_and_layers_are_not_downloaded_again() -> Result<()> {
         )
         .await?;
     assert_eq!(second.layers, first.layers);
-    assert!(common::wait_until(Duration::from_secs(5), || registry
-        .requests_matching("/manifests/")
+    assert!(wait_until(Duration::from_secs(5), || registry.requests_matching("/manifests/")
         > manifests_before));
     assert_eq!(registry.requests_matching(&blob), 1);
     let mut cached = false;
@@ -183,7 +183,7 @@ async fn concurrent_pulls_of_one_image_download_it_once() -> Result<()> {
     assert!(images.windows(2).all(|w| w[0] == w[1]));
     // Every pull has returned, so every request has been answered; give
     // the registry's access log a moment to be written.
-    assert!(common::wait_until(Duration::from_secs(5), || registry.requests_matching(&blob) >= 1));
+    assert!(wait_until(Duration::from_secs(5), || registry.requests_matching(&blob) >= 1));
     assert_eq!(registry.requests_matching(&blob), 1, "{}", registry.log());
     let manifest_gets =
         registry.log().lines().filter(|l| l.contains("\"GET /v2/test/busybox/manifests/1")).count();
@@ -231,6 +231,9 @@ async fn whiteouts_and_opaque_dirs_become_overlayfs_markers() -> Result<()> {
     assert!(!top.join("etc/.wh.gone").exists());
     assert!(!top.join("data/.wh..wh..opq").exists());
     let opaque = xattr_value(&top.join("data"), "trusted.overlay.opaque");
+    assert_eq!(opaque.as_deref(), Some(&b"y"[..]));
+    // What an overlay mounted in a user namespace (`userxattr`) reads.
+    let opaque = xattr_value(&top.join("data"), "user.overlay.opaque");
     assert_eq!(opaque.as_deref(), Some(&b"y"[..]));
 
     // And the kernel agrees: stack them in an overlay mount under our temp dir.

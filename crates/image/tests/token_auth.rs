@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Result;
-use common::{Registry, busybox_layer, push};
+use common::{busybox_layer, push};
 use hutch_image::{ImageStore, PullFailure, PullOptions, RegistryAuth};
+use hutch_testkit::Registry;
 use oci_client::secrets::RegistryAuth as OciAuth;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

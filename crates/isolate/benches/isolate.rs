@@ -2,7 +2,7 @@
 //!
 //! Run as root: `cargo bench -p hutch-isolate --bench isolate`
 //! Knobs: BENCH_ITERS (default 100), BENCH_DENSITY (idle sandboxes, default 1000; 0
-//! skips the density run),
+//! skips the density runs, one with egress none and one with egress internet),
 //! HUTCH_SANDBOXD (a static sandboxd; built in release mode when unset).
 //!
 //! The bench re-executes itself under `unshare --net`, so the bridge and nft rules of
@@ -12,7 +12,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use hutch_isolate::{Driver, DriverConfig, Egress, SandboxId, SandboxSpec};
 use hutch_net::{NetConfig, NetManager};
+use hutch_testkit::bench::{env_or, ms, percentile, time_command};
 
 const INNER_ENV: &str = "HUTCH_ISOLATE_BENCH_INNER";
 
@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     let density: usize = env_or("BENCH_DENSITY", 1000);
     let sandboxd = match std::env::var_os("HUTCH_SANDBOXD") {
         Some(path) => path.into(),
-        None => support::build_sandboxd("release")?,
+        None => hutch_testkit::build_sandboxd("release")?,
     };
     let dir = tempfile::tempdir()?;
     let run = tempfile::tempdir_in("/dev/shm")?;
@@ -73,18 +73,11 @@ fn main() -> anyhow::Result<()> {
     rows.push(("bwrap --unshare-all --ro-bind / / true", bwrap, None));
 
     let bundle = dir.path().join("bundle");
-    make_busybox_bundle(&bundle)?;
+    hutch_testkit::busybox_bundle(&bundle)?;
     let mut n = 0;
     let crun = time_command(iters, || {
         n += 1;
-        Command::new("unshare")
-            .args(["-m", "sh", "-c"])
-            .arg(format!(
-                "umount /sys/fs/cgroup/unified 2>/dev/null; exec crun run -b {} hutch-bench-crun-{n}",
-                bundle.display()
-            ))
-            .stdin(Stdio::null())
-            .status()
+        hutch_testkit::crun_run(&bundle, &format!("hutch-bench-crun-{n}")).status()
     });
     match crun {
         Ok(s) => rows.push(("crun run (busybox bundle, true)", s, None)),
@@ -111,6 +104,9 @@ fn main() -> anyhow::Result<()> {
     let (create, destroy) =
         runtime.block_on(bench_hutch(&driver, iters, Egress::Internet, host))?;
     rows.push(("hutch-isolate (host image, egress internet)", create, Some(destroy)));
+    let userns = |id| SandboxSpec { user_namespace: true, ..SandboxSpec::new(id) };
+    let (create, destroy) = runtime.block_on(bench_hutch(&driver, iters, Egress::None, userns))?;
+    rows.push(("hutch-isolate (host image, userns, egress none)", create, Some(destroy)));
 
     // An imported busybox OCI image, idle like the host-image rows (its Cmd cleared, as
     // a sandbox platform does), so the rows differ only in the root filesystem.
@@ -145,7 +141,8 @@ fn main() -> anyhow::Result<()> {
     );
 
     if density > 0 {
-        runtime.block_on(bench_density(&driver, density))?;
+        runtime.block_on(bench_density(&driver, density, Egress::None))?;
+        runtime.block_on(bench_density(&driver, density, Egress::Internet))?;
     }
     // The per-bench cgroup parents are ours to remove.
     let parents: Vec<std::path::PathBuf> = match driver.cgroup_layout() {
@@ -158,10 +155,6 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir(parent);
     }
     Ok(())
-}
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 async fn bench_hutch(
@@ -180,7 +173,8 @@ async fn bench_hutch(
         let start = Instant::now();
         driver.create(spec).await?;
         let (status, _) =
-            support::request(&driver.sandboxd_socket(&id), "GET", "/health", None).await?;
+            hutch_testkit::sandboxd_request(&driver.sandboxd_socket(&id), "GET", "/health", None)
+                .await?;
         let created = start.elapsed();
         if status != 200 {
             bail!("health returned {status}");
@@ -196,16 +190,15 @@ async fn bench_hutch(
     Ok((create, destroy))
 }
 
-async fn bench_density(driver: &Driver, count: usize) -> anyhow::Result<()> {
+async fn bench_density(driver: &Driver, count: usize, egress: Egress) -> anyhow::Result<()> {
     let available_before = mem_available()?;
     let start = Instant::now();
     let mut ids = Vec::with_capacity(count);
     for i in 0..count {
         let id = SandboxId::new(format!("idle-{i}"))?;
-        driver
-            .create(SandboxSpec::new(id.clone()))
-            .await
-            .with_context(|| format!("sandbox {i} of {count}"))?;
+        let mut spec = SandboxSpec::new(id.clone());
+        spec.egress = egress;
+        driver.create(spec).await.with_context(|| format!("sandbox {i} of {count}"))?;
         ids.push(id);
     }
     let created = start.elapsed();
@@ -223,7 +216,7 @@ async fn bench_density(driver: &Driver, count: usize) -> anyhow::Result<()> {
     let healthy = {
         let mut ok = 0;
         for id in ids.iter().step_by((count / 20).max(1)) {
-            if support::request(&driver.sandboxd_socket(id), "GET", "/health", None)
+            if hutch_testkit::sandboxd_request(&driver.sandboxd_socket(id), "GET", "/health", None)
                 .await
                 .is_ok_and(|(s, _)| s == 200)
             {
@@ -239,7 +232,7 @@ async fn bench_density(driver: &Driver, count: usize) -> anyhow::Result<()> {
     let destroyed = start.elapsed();
 
     let per = |total: u64| format!("{:.2} MiB", total as f64 / count as f64 / (1 << 20) as f64);
-    println!("\n## Density ({count} idle sandboxes)\n");
+    println!("\n## Density ({count} idle sandboxes, egress {egress:?})\n");
     println!("| measure | value |");
     println!("|---|---|");
     println!("| created in | {:.2} s |", created.as_secs_f64());
@@ -278,55 +271,4 @@ fn status_kib(path: &str, key: &str) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("{key} in {path}"))
-}
-
-fn time_command(
-    iters: usize,
-    mut run: impl FnMut() -> std::io::Result<std::process::ExitStatus>,
-) -> anyhow::Result<Vec<Duration>> {
-    let mut times = Vec::with_capacity(iters);
-    for i in 0..(iters + 3) {
-        let start = Instant::now();
-        let status = run()?;
-        let elapsed = start.elapsed();
-        if !status.success() {
-            bail!("command failed: {status}");
-        }
-        if i >= 3 {
-            times.push(elapsed);
-        }
-    }
-    Ok(times)
-}
-
-/// An OCI bundle whose rootfs is busybox-static and whose process runs `true`.
-fn make_busybox_bundle(bundle: &Path) -> anyhow::Result<()> {
-    let bin = bundle.join("rootfs/bin");
-    std::fs::create_dir_all(&bin)?;
-    std::fs::copy("/bin/busybox", bin.join("busybox"))?;
-    for tool in ["sh", "true"] {
-        std::os::unix::fs::symlink("busybox", bin.join(tool))?;
-    }
-    let status = Command::new("runc").args(["spec", "--bundle"]).arg(bundle).status()?;
-    if !status.success() {
-        bail!("runc spec failed");
-    }
-    let path = bundle.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    config["process"]["terminal"] = false.into();
-    config["process"]["args"] = serde_json::json!(["/bin/true"]);
-    config["root"]["readonly"] = true.into();
-    std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
-    Ok(())
-}
-
-fn percentile(samples: &[Duration], p: usize) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let index = (sorted.len() * p / 100).min(sorted.len().saturating_sub(1));
-    sorted.get(index).copied().unwrap_or_default()
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }

@@ -2,7 +2,8 @@
 //! tree whose PID 1 is sandboxd.
 //!
 //! A sandbox is a child cloned into new mount, pid, uts, ipc, net and cgroup
-//! namespaces. The child assembles its root (an overlayfs over read-only image layers
+//! namespaces, and with [`SandboxSpec::user_namespace`] into a user namespace that
+//! owns them all (`userns.rs`: id maps, idmapped image layers). The child assembles its root (an overlayfs over read-only image layers
 //! with a tmpfs upper sized to the disk limit) entirely inside its own mount
 //! namespace, pivots into it, drops to Docker's default capabilities, sets
 //! `no_new_privs`, installs a Docker-like seccomp filter and execs sandboxd. The parent
@@ -10,8 +11,9 @@
 //! process can adopt it after a restart and sweep what a crash left behind.
 //!
 //! Host artefacts of sandbox `ID`: `{run_dir}/ID/` (state.json, sandboxd.log, `root/`
-//! where the child mounts its scratch tmpfs, `sandboxd/` bind-mounted at /.hutch/run)
-//! and a `hutch-ID` cgroup per controller. No mount is ever made in the host's namespace.
+//! where the child mounts its scratch tmpfs, `sandboxd/` bind-mounted at /.hutch/run,
+//! with a user namespace `mnt/`, the empty mount points of its idmapped layers) and a
+//! `hutch-ID` cgroup per controller. No mount is ever made in the host's namespace.
 
 mod cgroup;
 mod rootfs;
@@ -19,6 +21,7 @@ mod seccomp;
 mod spawn;
 mod spec;
 mod state;
+mod userns;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, NulError};
@@ -41,6 +44,7 @@ pub use cgroup::{CgroupError, CgroupLayout, SandboxCgroup};
 pub use rootfs::{PlanMountsError, PrepareImageError};
 pub use seccomp::BuildSeccompError;
 pub use spec::{Egress, InvalidSandboxId, Limits, Rootfs, SandboxId, SandboxSpec};
+pub use userns::{IdRange, InvalidIdRange, SetUpUserNamespaceError};
 
 use spawn::{ChildFds, ChildPlan, STEP_BASE, Step};
 use state::{StateFile, proc_start_time};
@@ -57,6 +61,11 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// File-descriptor limit of sandboxd and its processes (capped by our own hard limit:
 /// this host withholds CAP_SYS_RESOURCE).
 const NOFILE: u64 = 1 << 20;
+/// The directory under a sandbox's dir mounted at /.hutch/run.
+const SANDBOXD_DIR: &str = "sandboxd";
+/// The directory under a sandbox's dir holding the mount points of a sandbox with a
+/// user namespace (see `userns.rs`).
+const MOUNT_POINTS_DIR: &str = "mnt";
 
 /// Where the driver keeps its files and what it runs.
 #[derive(Clone, Debug)]
@@ -142,6 +151,8 @@ pub enum CreateSandboxError {
     Network(#[from] hutch_net::AttachNetworkError),
     #[error("make /.hutch/run read-only in the sandbox")]
     Seal(#[source] io::Error),
+    #[error("set up the sandbox's user namespace")]
+    UserNamespace(#[from] SetUpUserNamespaceError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -426,6 +437,9 @@ pub struct Driver {
     last_cap: u32,
     nofile: u64,
     network: Option<Arc<NetManager>>,
+    /// Host ids of sandboxes with [`SandboxSpec::user_namespace`]; all share them, as
+    /// Docker's userns-remap does.
+    user_ids: IdRange,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
     /// Ids being created, reserved so that two creates of one id cannot race.
     creating: Mutex<HashSet<SandboxId>>,
@@ -462,6 +476,7 @@ impl Driver {
             nofile: NOFILE.min(limit.rlim_max),
             config,
             network: None,
+            user_ids: IdRange::default(),
             sandboxes: Mutex::default(),
             creating: Mutex::default(),
         })
@@ -472,6 +487,19 @@ impl Driver {
     pub fn with_network(mut self, network: Arc<NetManager>) -> Self {
         self.network = Some(network);
         self
+    }
+
+    /// The host ids that sandboxes with [`SandboxSpec::user_namespace`] run as
+    /// ([`IdRange::default`] unless set here). A separate setter rather than a
+    /// [`DriverConfig`] field so that existing configs stay valid.
+    pub fn with_user_ids(mut self, ids: IdRange) -> Self {
+        self.user_ids = ids;
+        self
+    }
+
+    /// See [`Driver::with_user_ids`].
+    pub fn user_ids(&self) -> IdRange {
+        self.user_ids
     }
 
     /// The cgroup hierarchy sandboxes are placed in.
@@ -491,7 +519,51 @@ impl Driver {
 
     /// The directory mounted at /.hutch/run in the sandbox.
     fn sandboxd_dir(&self, id: &str) -> PathBuf {
-        self.sandbox_dir(id).join("sandboxd")
+        self.sandbox_dir(id).join(SANDBOXD_DIR)
+    }
+
+    /// Host side of a user namespace before the clone: mount points for the mounts the
+    /// parent places in the child's namespace (see `userns.rs`), and `/.hutch/run`
+    /// handed to the sandbox's root. The overlay's upper and work dirs need nothing:
+    /// the child makes them on a tmpfs it mounts itself, as its own root.
+    fn prepare_user_namespace(
+        &self,
+        dir: &Path,
+        run: &Path,
+        lowers: &[PathBuf],
+    ) -> Result<UserNamespacePlan, CreateSandboxError> {
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| CreateSandboxError::Io { path, source }
+        };
+        let mounts = dir.join(MOUNT_POINTS_DIR);
+        fs::create_dir(&mounts).map_err(io_err(&mounts))?;
+        let relative = Path::new(".").join(MOUNT_POINTS_DIR);
+        let mut placements = Vec::with_capacity(lowers.len() + 1);
+        let mut relative_lowers = Vec::with_capacity(lowers.len());
+        for (i, lower) in lowers.iter().enumerate() {
+            let name = format!("lower{i}");
+            let target = mounts.join(&name);
+            fs::create_dir(&target).map_err(io_err(&target))?;
+            placements.push(userns::Placement { source: lower.clone(), target, idmap: true });
+            relative_lowers.push(relative.join(name));
+        }
+        // sandboxd keeps its host owner (root, unmapped: nobody inside); it only has
+        // to be executable. It is placed by the parent because the child may not be
+        // able to reach its host path.
+        let target = mounts.join("sandboxd");
+        fs::File::create(&target).map_err(io_err(&target))?;
+        placements.push(userns::Placement {
+            source: self.config.sandboxd_path.clone(),
+            target,
+            idmap: false,
+        });
+        userns::chown_to_root(run, self.user_ids).map_err(io_err(run))?;
+        Ok(UserNamespacePlan {
+            placements,
+            lowers: relative_lowers,
+            sandboxd: relative.join("sandboxd"),
+        })
     }
 
     fn sandbox_dir(&self, id: &str) -> PathBuf {
@@ -516,9 +588,6 @@ impl Driver {
                 })?)
             }
         };
-        if spec.user_namespace {
-            return Err(CreateSandboxError::Unsupported { feature: "user namespaces" });
-        }
         let id = spec.id.clone();
         let _reservation = self.reserve(&id)?;
 
@@ -543,10 +612,19 @@ impl Driver {
         let result = self.finish_start(&mut sandbox, network.as_deref(), started.sync_w).await;
         let result = match result {
             Ok(()) => {
-                match self.wait_ready(&id, started.ready_r, started.err_r, &started.ops).await {
+                match self
+                    .wait_ready(&id, started.ready_r, started.err_r, &started.memory.plan().ops)
+                    .await
+                {
                     Ok(()) => seal_sandboxd_dir(&sandbox.pidfd).await,
                     Err(e) => Err(e),
                 }
+            }
+            // The child closed its end of the sync pipe: it failed (and exited), and
+            // said where.
+            Err(CreateSandboxError::Wait(e)) if e.raw_os_error() == Some(libc::EPIPE) => {
+                Err(child_failure(started.err_r, &started.memory.plan().ops)
+                    .unwrap_or(CreateSandboxError::Wait(e)))
             }
             Err(e) => Err(e),
         };
@@ -554,8 +632,13 @@ impl Driver {
             let _ = sandbox.signal(libc::SIGKILL);
             let _ = sandbox.wait_exit(KILL_TIMEOUT).await;
             let _ = self.teardown(id.as_str(), &sandbox.cgroup, network.as_deref()).await;
+            // Only now may the child's memory go: it has been reaped (or, if not, the
+            // memory is leaked rather than freed under it).
+            drop(started.memory);
             return Err(e);
         }
+        // sandboxd answered, so the child has exec'd and left our memory.
+        drop(started.memory);
         let sandbox = Arc::new(sandbox);
         self.map().insert(id, sandbox.clone());
         Ok(sandbox.info())
@@ -611,22 +694,41 @@ impl Driver {
         let id = &spec.id;
         let dir = self.sandbox_dir(id.as_str());
         let run = self.sandboxd_dir(id.as_str());
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| CreateSandboxError::Io { path, source }
+        };
         for path in [&dir, &rootfs::scratch_dir(&dir), &run] {
-            fs::create_dir(path)
-                .map_err(|source| CreateSandboxError::Io { path: path.clone(), source })?;
+            fs::create_dir(path).map_err(io_err(path))?;
         }
+        let lowers = rootfs::lower_dirs(&self.images, &spec.rootfs)?;
+        let userns = spec.user_namespace.then(|| self.prepare_user_namespace(&dir, &run, &lowers));
+        let userns = userns.transpose()?;
         cgroup.create(&spec.limits)?;
 
+        // With a user namespace the plan names the sandbox's files relative to its
+        // directory, the child's working directory: its root may not search the host
+        // directories above (see `spawn_in`).
+        let relative_run = Path::new(".").join(SANDBOXD_DIR);
+        let (plan_dir, plan_run, sandboxd, plan_lowers) = match &userns {
+            None => (dir.as_path(), run.as_path(), self.config.sandboxd_path.as_path(), &lowers),
+            Some(userns) => {
+                (Path::new("."), relative_run.as_path(), userns.sandboxd.as_path(), &userns.lowers)
+            }
+        };
         let ops = rootfs::plan_mounts(
             &self.images,
             &spec.rootfs,
             &rootfs::SandboxPaths {
-                dir: &dir,
-                run: &run,
-                sandboxd: &self.config.sandboxd_path,
+                dir: plan_dir,
+                run: plan_run,
+                sandboxd,
                 disk_bytes: spec.limits.disk_bytes,
+                lowers: plan_lowers,
+                user_namespace: userns.is_some(),
             },
         )?;
+        let new_root = rootfs::new_root(plan_dir);
         let hostname = spec.hostname.clone().unwrap_or_else(|| id.to_string());
         if hostname.is_empty() || hostname.len() > 64 {
             return Err(CreateSandboxError::InvalidHostname(hostname));
@@ -658,7 +760,7 @@ impl Driver {
         }
         let plan = ChildPlan {
             ops,
-            new_root: CString::new(rootfs::new_root(&dir).as_os_str().as_encoded_bytes())?,
+            new_root: CString::new(new_root.as_os_str().as_encoded_bytes())?,
             hostname: CString::new(hostname)?,
             rlimits: vec![
                 (
@@ -682,12 +784,9 @@ impl Driver {
                 .iter()
                 .map(|(k, v)| CString::new(format!("{k}={v}")))
                 .collect::<Result<_, _>>()?,
+            user_namespace: userns.is_some(),
         };
 
-        let io_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| CreateSandboxError::Io { path, source }
-        };
         let log_path = dir.join("sandboxd.log");
         let log: OwnedFd = fs::OpenOptions::new()
             .create(true)
@@ -703,7 +802,11 @@ impl Driver {
         let (sync_r, sync_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let fds = ChildFds { stdin, log, ready_w, sync_r, err_w };
-        let spawned = spawn::spawn(&plan, &fds).map_err(CreateSandboxError::Clone)?;
+        let spawned = match userns {
+            None => spawn::spawn(plan, &fds),
+            Some(_) => spawn::spawn_in(&dir, plan, &fds),
+        }
+        .map_err(CreateSandboxError::Clone)?;
         // The child's copies are all it needs; ours would hide its EOFs.
         drop(fds);
         let kill = |e: CreateSandboxError| {
@@ -729,6 +832,24 @@ impl Driver {
             e
         };
 
+        if let Some(userns) = &userns {
+            // The first byte lets the child mount; the second, after the cgroup,
+            // network and state file, lets it exec.
+            let released =
+                userns::set_up(spawned.pid, &spawned.pidfd, self.user_ids, &userns.placements)
+                    .map_err(CreateSandboxError::from)
+                    .and_then(|()| write_byte(&sync_w).map_err(CreateSandboxError::Wait));
+            if let Err(e) = released {
+                let e = kill(e);
+                // A child that failed first says where; it is gone, so this read
+                // cannot block.
+                let reported = err_r
+                    .try_clone()
+                    .ok()
+                    .and_then(|err_r| child_failure(err_r, &spawned.memory.plan().ops));
+                return Err(reported.unwrap_or(e));
+            }
+        }
         cgroup.attach(spawned.pid).map_err(|e| kill(e.into()))?;
         Ok(Started {
             pid: spawned.pid,
@@ -736,7 +857,7 @@ impl Driver {
             sync_w,
             ready_r,
             err_r,
-            ops: plan.ops,
+            memory: spawned.memory,
         })
     }
 
@@ -758,24 +879,8 @@ impl Driver {
             return Ok(());
         }
         // EOF: the child failed before exec (and said where), or sandboxd exited.
-        let mut buf = [0u8; 8];
-        let mut err = fs::File::from(err_r);
-        let got = io::Read::read(&mut err, &mut buf).unwrap_or(0);
-        if got == 8 {
-            let step = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
-            let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
-            let step = match Step::from_code(step) {
-                Some(step) => format!("{step:?}"),
-                None if step < STEP_BASE => ops
-                    .get(step as usize)
-                    .map(|op| format!("{op:?}"))
-                    .unwrap_or_else(|| format!("mount step {step}")),
-                None => format!("step {step}"),
-            };
-            return Err(CreateSandboxError::Child {
-                step,
-                source: io::Error::from_raw_os_error(errno),
-            });
+        if let Some(e) = child_failure(err_r, ops) {
+            return Err(e);
         }
         let log = self.sandbox_dir(id.as_str()).join("sandboxd.log");
         Err(CreateSandboxError::SandboxdExited { output: log_tail(&log) })
@@ -951,6 +1056,7 @@ impl Driver {
             remove(&dir.join(file), |p| fs::remove_file(p))?;
         }
         remove(&rootfs::scratch_dir(&dir), |p| fs::remove_dir(p))?;
+        remove_mount_points(&dir.join(MOUNT_POINTS_DIR))?;
         // The sandboxd dir is writable from inside the sandbox, so it may hold
         // anything, but never a mount (sandboxes cannot mount), and remove_dir_all
         // does not follow symlinks.
@@ -1066,6 +1172,28 @@ async fn stop_sandbox(sandbox: &Sandbox, grace: Duration) -> Result<(), StopSand
     }
 }
 
+/// Removes the empty mount points a sandbox with a user namespace had under its
+/// directory, one by one and never recursively: on the host they are only ever empty
+/// directories and files.
+fn remove_mount_points(dir: &Path) -> Result<(), TeardownError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(TeardownError::Remove { path: dir.to_owned(), source }),
+    };
+    for entry in entries {
+        let entry =
+            entry.map_err(|source| TeardownError::Remove { path: dir.to_owned(), source })?;
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove(&path, |p| fs::remove_dir(p))?;
+        } else {
+            remove(&path, |p| fs::remove_file(p))?;
+        }
+    }
+    remove(dir, |p| fs::remove_dir(p))
+}
+
 fn remove(path: &Path, op: fn(&Path) -> io::Result<()>) -> Result<(), TeardownError> {
     match op(path) {
         Ok(()) => Ok(()),
@@ -1091,6 +1219,28 @@ fn log_tail(path: &Path) -> String {
     }
 }
 
+/// What a child that failed before exec reported on its error pipe: `(step, errno)`.
+/// Reads after the child has gone (or exec'd), so the read does not block.
+fn child_failure(err_r: OwnedFd, ops: &[spawn::Op]) -> Option<CreateSandboxError> {
+    let mut buf = [0u8; 8];
+    let mut err = fs::File::from(err_r);
+    let got = io::Read::read(&mut err, &mut buf).unwrap_or(0);
+    if got != 8 {
+        return None;
+    }
+    let step = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let step = match Step::from_code(step) {
+        Some(step) => format!("{step:?}"),
+        None if step < STEP_BASE => ops
+            .get(step as usize)
+            .map(|op| format!("{op:?}"))
+            .unwrap_or_else(|| format!("mount step {step}")),
+        None => format!("step {step}"),
+    };
+    Some(CreateSandboxError::Child { step, source: io::Error::from_raw_os_error(errno) })
+}
+
 fn write_byte(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: writing one byte from a stack buffer to a pipe we own.
     match unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) } {
@@ -1107,8 +1257,19 @@ struct Started {
     sync_w: OwnedFd,
     ready_r: OwnedFd,
     err_r: OwnedFd,
-    /// Kept to name the step a failing child reports.
-    ops: Vec<spawn::Op>,
+    /// What the child reads until it execs; also names the step a failing child
+    /// reports.
+    memory: spawn::ChildMemory,
+}
+
+/// What `start` needs for a sandbox with a user namespace.
+#[derive(Debug)]
+struct UserNamespacePlan {
+    placements: Vec<userns::Placement>,
+    /// The overlay's lower dirs, relative to the sandbox's directory.
+    lowers: Vec<PathBuf>,
+    /// sandboxd, relative to the sandbox's directory.
+    sandboxd: PathBuf,
 }
 
 /// Releases an id reserved by [`Driver::reserve`].

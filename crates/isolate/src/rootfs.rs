@@ -242,6 +242,32 @@ pub(crate) struct SandboxPaths<'a> {
     pub run: &'a Path,
     pub sandboxd: &'a Path,
     pub disk_bytes: u64,
+    /// The overlay's lower dirs, top first (see [`lower_dirs`]).
+    pub lowers: &'a [PathBuf],
+    /// The child runs in a user namespace: the overlay then keeps its own metadata in
+    /// `user.overlay.*` xattrs (`userxattr`), since `trusted.*` needs privileges in
+    /// the host's user namespace.
+    pub user_namespace: bool,
+}
+
+/// The overlay's lower dirs of a sandbox, top first as overlayfs lists them: the
+/// skeleton (the mount points the driver needs win over the image), then the image's
+/// layers or the `host` image's directory.
+pub(crate) fn lower_dirs(
+    images: &Images,
+    rootfs: &Rootfs,
+) -> Result<Vec<PathBuf>, PlanMountsError> {
+    let mut lowers = vec![images.skeleton.clone()];
+    match rootfs {
+        Rootfs::Host => lowers.push(images.host.clone()),
+        Rootfs::Layers { lower } => {
+            if lower.is_empty() {
+                return Err(PlanMountsError::NoLayers);
+            }
+            lowers.extend(lower.iter().rev().cloned());
+        }
+    }
+    Ok(lowers)
 }
 
 fn utf8(path: &Path) -> Result<&str, PlanMountsError> {
@@ -294,20 +320,12 @@ pub(crate) fn plan_mounts(
     ops.push(Op::Mkdir { path: CString::new(upper.clone())?, mode: 0o755 });
     ops.push(Op::Mkdir { path: CString::new(work.clone())?, mode: 0o700 });
 
-    let mut lowers = vec![utf8(&images.skeleton)?.to_owned()];
-    match rootfs {
-        Rootfs::Host => lowers.push(utf8(&images.host)?.to_owned()),
-        Rootfs::Layers { lower } => {
-            if lower.is_empty() {
-                return Err(PlanMountsError::NoLayers);
-            }
-            // overlayfs lists the top layer first.
-            for layer in lower.iter().rev() {
-                lowers.push(utf8(layer)?.to_owned());
-            }
-        }
-    }
-    let options = format!("lowerdir={},upperdir={upper},workdir={work},volatile", lowers.join(":"));
+    let lowers = paths.lowers.iter().map(|p| utf8(p)).collect::<Result<Vec<_>, _>>()?;
+    let userxattr = if paths.user_namespace { ",userxattr" } else { "" };
+    let options = format!(
+        "lowerdir={},upperdir={upper},workdir={work},volatile{userxattr}",
+        lowers.join(":")
+    );
     if options.len() >= 4096 {
         return Err(PlanMountsError::OverlayOptionsTooLong { len: options.len() });
     }

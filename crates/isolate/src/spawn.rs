@@ -1,16 +1,19 @@
 //! Cloning the sandbox's PID 1.
 //!
-//! The dataplane is a multithreaded tokio process, so after `clone3` the child may only
-//! make raw syscalls until `execve`: another thread may have held the allocator's lock
-//! at the moment of the clone. Everything the child needs (paths, mount options, argv,
-//! envp, the seccomp programs) is therefore computed by the parent into a [`ChildPlan`]
-//! and the child only walks it. The child reports a failure as `(step, errno)` on a
-//! close-on-exec pipe, so the parent learns both that and where it failed; a successful
-//! `execve` closes the pipe.
+//! The child is cloned with `CLONE_VM`: it runs on its own small stack but in the
+//! dataplane's memory until it execs sandboxd, so the clone copies no page tables.
+//! Sharing memory with a multithreaded tokio process means the child may only make raw
+//! system calls until `execve` (no allocation, no libc `errno`, no thread-locals), and
+//! everything it reads (paths, mount options, argv, envp, the seccomp programs) lives in
+//! one allocation, computed by the parent into a [`ChildPlan`], that stays alive until
+//! the kernel says the child has left (exec or exit). The child reports a failure as
+//! `(step, errno)` on a close-on-exec pipe, so the parent learns both that and where it
+//! failed; a successful `execve` closes the pipe.
 
-use std::ffi::{CString, c_char, c_int, c_uint, c_ulong};
+use std::ffi::{CString, c_char, c_int, c_uint, c_ulong, c_void};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use seccompiler::BpfProgram;
 
@@ -79,13 +82,17 @@ pub(crate) enum Step {
     NoNewPrivs,
     Seccomp,
     Exec,
+    /// Waiting for the parent to write the user namespace's id maps.
+    UserNamespaceWait,
+    /// Becoming root of the user namespace (`setresgid`, `setgroups`, `setresuid`).
+    UserNamespaceRoot,
 }
 
 pub(crate) const STEP_BASE: u32 = 1 << 20;
 
 impl Step {
     pub(crate) fn from_code(code: u32) -> Option<Self> {
-        const ALL: [Step; 15] = [
+        const ALL: [Step; 17] = [
             Step::MoveFds,
             Step::Umask,
             Step::Hostname,
@@ -101,6 +108,8 @@ impl Step {
             Step::NoNewPrivs,
             Step::Seccomp,
             Step::Exec,
+            Step::UserNamespaceWait,
+            Step::UserNamespaceRoot,
         ];
         ALL.get(code.checked_sub(STEP_BASE)? as usize).copied()
     }
@@ -125,6 +134,12 @@ pub(crate) struct ChildPlan {
     pub exe: CString,
     pub argv: Vec<CString>,
     pub envp: Vec<CString>,
+    /// Clone into a new user namespace too (`CLONE_NEWUSER`), which then owns every
+    /// other namespace of the sandbox. The child then waits for a first byte on
+    /// `sync_r` (the parent has written its id maps and placed its idmapped mounts)
+    /// before any mount step, and resolves the plan's relative paths from the working
+    /// directory [`spawn_in`] gave it.
+    pub user_namespace: bool,
 }
 
 /// File descriptors handed to the child; all close-on-exec in the parent.
@@ -142,33 +157,85 @@ pub(crate) struct ChildFds {
 pub(crate) struct Spawned {
     pub pid: i32,
     pub pidfd: OwnedFd,
+    /// What the child reads; keep it until the child has exec'd or been reaped.
+    pub memory: ChildMemory,
 }
 
 /// Namespaces the sandbox gets at clone time. The cgroup namespace is unshared by the
 /// child after the parent has moved it into its cgroup, so that the namespace's root
 /// is the sandbox cgroup.
-const CLONE_FLAGS: u64 = (libc::CLONE_NEWNS
+const NAMESPACE_FLAGS: c_int = libc::CLONE_NEWNS
     | libc::CLONE_NEWPID
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWIPC
-    | libc::CLONE_NEWNET
-    | libc::CLONE_PIDFD) as u64;
+    | libc::CLONE_NEWNET;
+
+/// The child shares our memory until it execs (`CLONE_VM`), as `posix_spawn` does:
+/// copying the page tables of a large multi-threaded process, and the copy-on-write
+/// faults and TLB shootdowns that follow, cost more than everything else a create
+/// does. `CLONE_CHILD_CLEARTID` makes the kernel zero [`Shared::running`] when the
+/// child leaves our memory by exec or exit, which is how [`ChildMemory`] knows when it
+/// may be freed. No exit signal (the low byte is zero): a stray `waitpid(-1)` elsewhere
+/// in the process must not reap the sandbox's PID 1 (it needs `__WALL`); we reap it
+/// through its pidfd.
+///
+/// `CLONE_NEWUSER` combines with `CLONE_VM` (the kernel refuses it only with
+/// `CLONE_FS` or `CLONE_THREAD`, neither of which we pass), so a sandbox with a user
+/// namespace is cloned the same way, with that one flag more.
+const CLONE_FLAGS: c_int =
+    NAMESPACE_FLAGS | libc::CLONE_VM | libc::CLONE_CHILD_CLEARTID | libc::CLONE_PIDFD;
+
+/// The child's stack. The plan's walk needs a few KiB; the rest is never touched and,
+/// being `MAP_NORESERVE`, never backed.
+const STACK_SIZE: usize = 256 * 1024;
+
+/// [`spawn`] with `dir` as the child's working directory, from a short-lived thread
+/// that changed only its own (`unshare(CLONE_FS)`).
+///
+/// A child in a user namespace is not root on the host: it may not search host
+/// directories that only host root may (a 0700 data dir above the run dir, say), so
+/// its plan names the sandbox's files relative to `dir`. The working directory it
+/// inherits is translated into its new mount namespace by the clone, which a
+/// descriptor opened beforehand would not be (it would still name the host's mount).
+///
+/// The thread exits while the child still runs the plan, so the child's thread
+/// pointer then names freed thread-local storage; that is harmless because the child
+/// never touches thread-local storage at all (see [`raw`]).
+pub(crate) fn spawn_in(
+    dir: &std::path::Path,
+    plan: ChildPlan,
+    fds: &ChildFds,
+) -> io::Result<Spawned> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: unshare(CLONE_FS) gives this thread its own root and working
+                // directory; no memory is involved.
+                if unsafe { libc::unshare(libc::CLONE_FS) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                std::env::set_current_dir(dir)?;
+                spawn(plan, fds)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked")))
+    })
+}
 
 /// Clones the child and runs the plan in it. Returns in the parent only.
-pub(crate) fn spawn(plan: &ChildPlan, fds: &ChildFds) -> io::Result<Spawned> {
-    // Raw pointer arrays are built before the clone: the child cannot allocate.
-    let argv = null_terminated(&plan.argv);
-    let envp = null_terminated(&plan.envp);
-    let fprogs: Vec<SockFprog> = plan
-        .seccomp
-        .iter()
-        .map(|p| SockFprog { len: p.len() as u16, filter: p.as_ptr() })
-        .collect();
-    let raw = RawChild {
+///
+/// The returned [`Spawned::memory`] holds everything the child reads; it must be kept
+/// until the child has exec'd or died, which its `Drop` checks for itself.
+pub(crate) fn spawn(plan: ChildPlan, fds: &ChildFds) -> io::Result<Spawned> {
+    let stack = Stack::new()?;
+    // Raw pointer arrays are built before the clone (the child cannot allocate) and
+    // after the plan reached its final place, although moving a CString does not move
+    // its bytes either.
+    let mut shared = Box::new(Shared {
         plan,
-        argv: &argv,
-        envp: &envp,
-        fprogs: &fprogs,
+        argv: Vec::new(),
+        envp: Vec::new(),
+        fprogs: Vec::new(),
         fds: [
             fds.stdin.as_raw_fd(),
             fds.log.as_raw_fd(),
@@ -176,36 +243,177 @@ pub(crate) fn spawn(plan: &ChildPlan, fds: &ChildFds) -> io::Result<Spawned> {
             fds.sync_r.as_raw_fd(),
             fds.err_w.as_raw_fd(),
         ],
-    };
+        running: AtomicU32::new(1),
+    });
+    shared.argv = null_terminated(&shared.plan.argv);
+    shared.envp = null_terminated(&shared.plan.envp);
+    shared.fprogs = shared
+        .plan
+        .seccomp
+        .iter()
+        .map(|p| SockFprog { len: p.len() as u16, filter: p.as_ptr() })
+        .collect();
+    let shared = Box::into_raw(shared);
 
+    // Block every signal while the child runs our handlers' memory: it resets them all
+    // to the default before it unblocks anything, so no handler of ours ever runs in it.
+    // SAFETY: sigset_t is plain old data initialised by sigfillset/pthread_sigmask.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both point to valid sigset_t values on our stack.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
     let mut pidfd: c_int = -1;
-    // SAFETY: clone_args is plain old data; zero is the documented default of every
-    // field we do not set.
-    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-    args.flags = CLONE_FLAGS;
-    args.pidfd = &mut pidfd as *mut c_int as u64;
-    // No exit signal: a stray waitpid(-1) elsewhere in the process must not reap the
-    // sandbox's PID 1 (it needs __WALL); we reap it through its pidfd.
-    args.exit_signal = 0;
-    // SAFETY: clone3 with a zero stack behaves like fork: the child continues on a
-    // copy of this stack. The child only runs `child_main`, which makes raw syscalls on
-    // memory prepared above and never returns.
+    // SAFETY: `shared` is the live allocation made above; nothing else uses it yet.
+    let user_namespace = unsafe { (*shared).plan.user_namespace };
+    let flags = if user_namespace { CLONE_FLAGS | libc::CLONE_NEWUSER } else { CLONE_FLAGS };
+    // SAFETY: the child runs `child_entry` on its own stack and reads only `shared`,
+    // which stays allocated until `running` is cleared (see ChildMemory's Drop). It
+    // makes raw syscalls only: no allocation, no errno, no thread-local storage of the
+    // thread it was cloned from. The pidfd is stored through `parent_tid`, as clone(2)
+    // documents for CLONE_PIDFD.
     let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut libc::clone_args,
-            std::mem::size_of::<libc::clone_args>(),
+        libc::clone(
+            child_entry,
+            stack.top(),
+            flags,
+            shared.cast(),
+            &mut pidfd as *mut c_int,
+            std::ptr::null_mut::<c_void>(),
+            std::ptr::addr_of_mut!((*shared).running),
         )
     };
-    match ret {
-        -1 => Err(io::Error::last_os_error()),
-        // SAFETY: we are the child; see above.
-        0 => unsafe { child_main(&raw) },
-        pid => Ok(Spawned {
-            pid: pid as i32,
-            // SAFETY: with CLONE_PIDFD the kernel stored a new descriptor we now own.
-            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
-        }),
+    let clone_error = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    if ret < 0 {
+        // No child exists; nothing else refers to the memory.
+        // SAFETY: `shared` came from Box::into_raw above and is dropped once.
+        drop(unsafe { Box::from_raw(shared) });
+        return Err(clone_error);
+    }
+    Ok(Spawned {
+        pid: ret,
+        // SAFETY: with CLONE_PIDFD the kernel stored a new descriptor we now own.
+        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        memory: ChildMemory { shared, stack: Some(stack) },
+    })
+}
+
+/// Everything the child reads, in one allocation shared with it.
+struct Shared {
+    plan: ChildPlan,
+    argv: Vec<*const c_char>,
+    envp: Vec<*const c_char>,
+    fprogs: Vec<SockFprog>,
+    /// stdin, log, ready_w, sync_r, err_w.
+    fds: [RawFd; 5],
+    /// Non-zero while the child may still run in our memory; the kernel zeroes it
+    /// (`CLONE_CHILD_CLEARTID`) when the child execs or exits.
+    running: AtomicU32,
+}
+
+/// The child's plan and stack, which live in the parent's memory. Dropped before the
+/// child has left that memory (a child that neither exec'd nor was reaped), they are
+/// leaked rather than freed under it.
+#[derive(Debug)]
+pub(crate) struct ChildMemory {
+    shared: *mut Shared,
+    stack: Option<Stack>,
+}
+
+// SAFETY: the parent only reads the plan through a shared reference, the child only
+// reads it, and the one word the kernel writes is atomic; nothing is tied to the thread
+// that cloned the child.
+unsafe impl Send for ChildMemory {}
+// SAFETY: as above; `&ChildMemory` gives only read access.
+unsafe impl Sync for ChildMemory {}
+
+impl ChildMemory {
+    pub(crate) fn plan(&self) -> &ChildPlan {
+        // SAFETY: `shared` is a live allocation owned by self and never written after
+        // the clone.
+        unsafe { &(*self.shared).plan }
+    }
+
+    fn child_left(&self) -> bool {
+        // SAFETY: as in `plan`.
+        unsafe { (*self.shared).running.load(Ordering::Acquire) == 0 }
+    }
+}
+
+impl Drop for ChildMemory {
+    fn drop(&mut self) {
+        if !self.child_left() {
+            tracing::warn!("sandbox child still shares the driver's memory; leaking its plan");
+            std::mem::forget(self.stack.take());
+            return;
+        }
+        // SAFETY: the child has exec'd or exited, so nobody else refers to `shared`,
+        // which came from Box::into_raw in `spawn`.
+        drop(unsafe { Box::from_raw(self.shared) });
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("plan", &self.plan).finish_non_exhaustive()
+    }
+}
+
+/// An anonymous mapping the child runs on, with a guard page below it.
+#[derive(Debug)]
+struct Stack {
+    base: *mut c_void,
+}
+
+impl Stack {
+    fn new() -> io::Result<Self> {
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                STACK_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = Self { base };
+        // SAFETY: the lowest page of the mapping we just made; an overflow faults there
+        // instead of writing into whatever lies below.
+        if unsafe { libc::mprotect(base, page_size(), libc::PROT_NONE) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    fn top(&self) -> *mut c_void {
+        // SAFETY: one past the end of the mapping, which is what clone(2) expects for a
+        // downward-growing stack; STACK_SIZE keeps it 16-byte aligned.
+        unsafe { self.base.cast::<u8>().add(STACK_SIZE).cast() }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer used by the child (see ChildMemory).
+        unsafe { libc::munmap(self.base, STACK_SIZE) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
     }
 }
 
@@ -219,191 +427,314 @@ struct SockFprog {
     filter: *const seccompiler::sock_filter,
 }
 
-struct RawChild<'a> {
-    plan: &'a ChildPlan,
-    argv: &'a [*const c_char],
-    envp: &'a [*const c_char],
-    fprogs: &'a [SockFprog],
-    /// stdin, log, ready_w, sync_r, err_w.
-    fds: [RawFd; 5],
-}
-
 const NULL: *const c_char = std::ptr::null();
 
 fn opt_ptr(s: &Option<CString>) -> *const c_char {
     s.as_ref().map_or(NULL, |s| s.as_ptr())
 }
 
-fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+/// Raw system calls for the cloned child.
+///
+/// The child shares the parent's memory and its thread pointer, so it must not touch
+/// libc's `errno` (a thread-local of the thread that cloned it, which keeps running):
+/// these return `-errno` in the result instead, as the kernel does.
+mod raw {
+    use std::ffi::c_long;
+
+    /// # Safety
+    /// The arguments must be valid for system call `nr`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(super) unsafe fn syscall(nr: c_long, a: [usize; 6]) -> isize {
+        let ret: isize;
+        // SAFETY: the x86_64 system call convention; the caller vouches for the
+        // arguments. rcx and r11 are clobbered by the instruction.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") nr as isize => ret,
+                in("rdi") a[0], in("rsi") a[1], in("rdx") a[2],
+                in("r10") a[3], in("r8") a[4], in("r9") a[5],
+                lateout("rcx") _, lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    /// # Safety
+    /// The arguments must be valid for system call `nr`.
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    pub(super) unsafe fn syscall(nr: c_long, a: [usize; 6]) -> isize {
+        let ret: isize;
+        // SAFETY: the aarch64 system call convention; the caller vouches for the
+        // arguments.
+        unsafe {
+            std::arch::asm!(
+                "svc 0",
+                in("x8") nr,
+                inlateout("x0") a[0] as isize => ret,
+                in("x1") a[1], in("x2") a[2], in("x3") a[3], in("x4") a[4], in("x5") a[5],
+                options(nostack),
+            );
+        }
+        ret
+    }
+}
+
+/// `raw::syscall` with up to six arguments of any integer or pointer type.
+macro_rules! sys {
+    ($nr:expr $(, $arg:expr)* $(,)?) => {{
+        let mut args = [0usize; 6];
+        let given = [$($arg as usize),*];
+        let mut i = 0;
+        while i < given.len() {
+            args[i] = given[i];
+            i += 1;
+        }
+        raw::syscall($nr, args)
+    }};
 }
 
 /// Reports `(step, errno)` to the parent and exits. Only meant for the cloned child.
-fn fail(err_fd: RawFd, step: u32, errno: i32) -> ! {
+///
+/// # Safety
+/// Raw syscalls only; never returns.
+unsafe fn fail(err_fd: RawFd, step: u32, errno: i32) -> ! {
     let mut buf = [0u8; 8];
     buf[..4].copy_from_slice(&step.to_ne_bytes());
     buf[4..].copy_from_slice(&errno.to_ne_bytes());
     // SAFETY: writing a stack buffer to a pipe, then exiting without running any
-    // destructor or atexit handler of the (copied) parent.
+    // destructor or atexit handler of the parent whose memory we share.
     unsafe {
-        libc::write(err_fd, buf.as_ptr().cast(), buf.len());
-        libc::_exit(127)
+        sys!(libc::SYS_write, err_fd, buf.as_ptr(), buf.len());
+        loop {
+            sys!(libc::SYS_exit_group, 127);
+        }
     }
+}
+
+/// The entry point `clone` calls on the child's stack.
+extern "C" fn child_entry(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the `Shared` that `spawn` passed, alive until we exec or exit;
+    // we are the cloned child.
+    unsafe { child_main(&*arg.cast::<Shared>()) }
+}
+
+/// The kernel's `struct sigaction` (not libc's): handler, flags, restorer, mask.
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
 }
 
 /// The child: walk the plan, then exec sandboxd. Never returns.
 ///
 /// # Safety
-/// Must only be called in the child of a fork-like clone: it changes the process's
-/// namespaces, mounts, credentials and seccomp filter. It allocates nothing.
-unsafe fn child_main(raw: &RawChild<'_>) -> ! {
-    let plan = raw.plan;
+/// Must only be called in the child of `spawn`'s clone: it changes the process's
+/// namespaces, mounts, credentials and seccomp filter. It allocates nothing and makes
+/// raw syscalls only.
+unsafe fn child_main(raw: &Shared) -> ! {
+    let plan = &raw.plan;
     let mut err_fd = raw.fds[4];
 
     macro_rules! check {
-        ($step:expr, $call:expr) => {
-            if $call < 0 {
-                fail(err_fd, $step, errno())
+        ($step:expr, $call:expr) => {{
+            let ret = $call;
+            if ret < 0 {
+                fail(err_fd, $step, -ret as i32)
             }
-        };
+            ret
+        }};
     }
 
-    // Move our descriptors above 3 so that the dup2 onto 0..=3 below cannot clobber one.
-    let mut fds = [0 as RawFd; 5];
-    for (i, fd) in raw.fds.iter().enumerate() {
-        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we inherited.
-        let moved = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 4) };
-        check!(STEP_BASE + Step::MoveFds as u32, moved);
-        fds[i] = moved;
-    }
-    let [stdin, log, ready_w, sync_r, moved_err] = fds;
-    err_fd = moved_err;
-
-    // Close every other descriptor above stderr. The clone copied all of the parent's,
-    // close-on-exec or not, and we hold them until exec: a pipe another thread of the
-    // parent was writing to a helper's stdin (nft) would then never see EOF, while the
-    // parent waits for that helper before releasing us. Sorted on the stack: the child
-    // cannot allocate.
-    let mut keep = fds;
-    for i in 1..keep.len() {
-        let mut j = i;
-        while j > 0 && keep[j - 1] > keep[j] {
-            keep.swap(j - 1, j);
-            j -= 1;
+    // SAFETY: every call below is a raw syscall on stack values, on descriptors we
+    // inherited, or on NUL-terminated strings and arrays owned by `raw`, which outlives
+    // us (we leave its memory at exec).
+    unsafe {
+        // First our own signal state: every handler back to the default (they are the
+        // parent's code, on memory we share), then unblock what `spawn` blocked.
+        let default = KernelSigaction { handler: 0, flags: 0, restorer: 0, mask: 0 };
+        for sig in 1..=64usize {
+            if sig != libc::SIGKILL as usize && sig != libc::SIGSTOP as usize {
+                sys!(libc::SYS_rt_sigaction, sig, &default as *const KernelSigaction, 0, 8);
+            }
         }
-    }
-    let mut first: c_uint = 3;
-    for fd in keep {
-        let fd = fd as c_uint;
-        if fd > first {
-            // SAFETY: close_range on descriptors of this process that nothing in the
-            // child uses; failure would only leave them open, as before.
-            unsafe { libc::syscall(libc::SYS_close_range, first, fd - 1, 0) };
+        let empty: u64 = 0;
+        sys!(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, 0, 8);
+
+        // Move our descriptors above 3 so that the dup3 onto 0..=3 below cannot clobber
+        // one.
+        let mut fds = [0 as RawFd; 5];
+        for (i, fd) in raw.fds.iter().enumerate() {
+            fds[i] = check!(
+                STEP_BASE + Step::MoveFds as u32,
+                sys!(libc::SYS_fcntl, *fd, libc::F_DUPFD_CLOEXEC, 4)
+            ) as RawFd;
         }
-        first = fd + 1;
-    }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, first, c_uint::MAX, 0) };
+        let [stdin, log, ready_w, sync_r, moved_err] = fds;
+        err_fd = moved_err;
 
-    // SAFETY: umask has no preconditions.
-    unsafe { libc::umask(0o022) };
+        // Close every other descriptor above stderr. The clone copied all of the
+        // parent's, close-on-exec or not, and we hold them until exec: a pipe another
+        // thread of the parent was writing to a helper's stdin (nft) would then never
+        // see EOF, while the parent waits for that helper before releasing us. Sorted on
+        // the stack: the child cannot allocate.
+        let mut keep = fds;
+        for i in 1..keep.len() {
+            let mut j = i;
+            while j > 0 && keep[j - 1] > keep[j] {
+                keep.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+        let mut first: c_uint = 3;
+        for fd in keep {
+            let fd = fd as c_uint;
+            if fd > first {
+                // Failure would only leave them open, as before.
+                sys!(libc::SYS_close_range, first, fd - 1, 0);
+            }
+            first = fd + 1;
+        }
+        sys!(libc::SYS_close_range, first, c_uint::MAX, 0);
 
-    for (index, op) in plan.ops.iter().enumerate() {
-        let step = index as u32;
-        // SAFETY: every pointer is a NUL-terminated string owned by the plan, which
-        // outlives the child (the child's copy of the parent's memory).
-        let (ret, optional) = unsafe {
-            match op {
+        sys!(libc::SYS_umask, 0o022);
+
+        if plan.user_namespace {
+            // Until the parent has written our id maps we are nobody in our own
+            // namespace: files we created would be refused (no mapping for our fsuid)
+            // and the idmapped image layers are not in place yet. EOF means the parent
+            // gave up on us.
+            let mut byte = 0u8;
+            let n = sys!(libc::SYS_read, sync_r, &mut byte as *mut u8, 1);
+            if n != 1 {
+                fail(
+                    err_fd,
+                    STEP_BASE + Step::UserNamespaceWait as u32,
+                    if n < 0 { -n as i32 } else { 0 },
+                );
+            }
+            // We still have the ids we were cloned with, host root's, which the map
+            // leaves out: become the namespace's root (host `base`), with no
+            // supplementary groups of the host's. Our capabilities in the namespace are
+            // kept: the kernel drops them only on leaving uid 0.
+            let root = STEP_BASE + Step::UserNamespaceRoot as u32;
+            check!(root, sys!(libc::SYS_setresgid, 0, 0, 0));
+            check!(root, sys!(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()));
+            check!(root, sys!(libc::SYS_setresuid, 0, 0, 0));
+        }
+
+        for (index, op) in plan.ops.iter().enumerate() {
+            let step = index as u32;
+            let (ret, optional) = match op {
                 Op::Mount { source, target, fstype, flags, data, optional } => (
-                    libc::mount(
+                    sys!(
+                        libc::SYS_mount,
                         opt_ptr(source),
                         target.as_ptr(),
                         opt_ptr(fstype),
                         *flags,
-                        opt_ptr(data).cast(),
+                        opt_ptr(data)
                     ),
                     *optional,
                 ),
                 Op::Mkdir { path, mode } => {
-                    let r = libc::mkdir(path.as_ptr(), *mode);
-                    (if r < 0 && errno() == libc::EEXIST { 0 } else { r }, false)
+                    let r = sys!(libc::SYS_mkdirat, libc::AT_FDCWD, path.as_ptr(), *mode);
+                    (if r == -(libc::EEXIST as isize) { 0 } else { r }, false)
                 }
                 Op::Touch { path } => {
-                    let fd = libc::open(
+                    let fd = sys!(
+                        libc::SYS_openat,
+                        libc::AT_FDCWD,
                         path.as_ptr(),
                         libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-                        0o644,
+                        0o644
                     );
                     if fd >= 0 {
-                        libc::close(fd);
+                        sys!(libc::SYS_close, fd);
                     }
                     (fd, false)
                 }
                 Op::Symlink { target, path } => {
-                    let r = libc::symlink(target.as_ptr(), path.as_ptr());
-                    (if r < 0 && errno() == libc::EEXIST { 0 } else { r }, false)
+                    let r =
+                        sys!(libc::SYS_symlinkat, target.as_ptr(), libc::AT_FDCWD, path.as_ptr());
+                    (if r == -(libc::EEXIST as isize) { 0 } else { r }, false)
                 }
+            };
+            if ret < 0 && !(optional && ret == -(libc::ENOENT as isize)) {
+                fail(err_fd, step, -ret as i32)
             }
-        };
-        if ret < 0 && !(optional && errno() == libc::ENOENT) {
-            fail(err_fd, step, errno())
         }
-    }
 
-    // SAFETY: the remaining calls take pointers into the plan or to stack values.
-    unsafe {
         check!(
             STEP_BASE + Step::Hostname as u32,
-            libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len())
+            sys!(libc::SYS_sethostname, plan.hostname.as_ptr(), plan.hostname.as_bytes().len())
         );
 
         // pivot_root(".", ".") stacks the old root beneath the new one; detaching it
         // leaves only the new root, without needing a directory for the old one.
         let pivot = STEP_BASE + Step::PivotRoot as u32;
-        check!(pivot, libc::chdir(plan.new_root.as_ptr()));
+        check!(pivot, sys!(libc::SYS_chdir, plan.new_root.as_ptr()));
         let dot = c".".as_ptr();
-        check!(pivot, libc::syscall(libc::SYS_pivot_root, dot, dot));
-        check!(pivot, libc::umount2(dot, libc::MNT_DETACH));
-        check!(pivot, libc::chdir(c"/".as_ptr()));
+        check!(pivot, sys!(libc::SYS_pivot_root, dot, dot));
+        check!(pivot, sys!(libc::SYS_umount2, dot, libc::MNT_DETACH));
+        check!(pivot, sys!(libc::SYS_chdir, c"/".as_ptr()));
 
         check!(STEP_BASE + Step::Loopback as u32, loopback_up());
 
         for (resource, limit) in &plan.rlimits {
-            check!(STEP_BASE + Step::Rlimit as u32, libc::setrlimit(*resource as _, limit));
+            check!(
+                STEP_BASE + Step::Rlimit as u32,
+                sys!(
+                    libc::SYS_prlimit64,
+                    0,
+                    *resource,
+                    limit as *const libc::rlimit,
+                    std::ptr::null_mut::<libc::rlimit>()
+                )
+            );
         }
 
         // Wait until the parent has moved us into our cgroup (and wired the network).
         // EOF means the parent gave up on us.
         let mut byte = 0u8;
-        let n = libc::read(sync_r, (&mut byte as *mut u8).cast(), 1);
+        let n = sys!(libc::SYS_read, sync_r, &mut byte as *mut u8, 1);
         if n != 1 {
-            fail(err_fd, STEP_BASE + Step::SyncWait as u32, errno());
+            fail(err_fd, STEP_BASE + Step::SyncWait as u32, if n < 0 { -n as i32 } else { 0 });
         }
-        check!(STEP_BASE + Step::CgroupNamespace as u32, libc::unshare(libc::CLONE_NEWCGROUP));
+        check!(
+            STEP_BASE + Step::CgroupNamespace as u32,
+            sys!(libc::SYS_unshare, libc::CLONE_NEWCGROUP)
+        );
         let chdir = STEP_BASE + Step::Chdir as u32;
         for dir in &plan.workdir_ancestors {
-            if libc::mkdir(dir.as_ptr(), 0o755) < 0 && errno() != libc::EEXIST {
-                fail(err_fd, chdir, errno());
+            let r = sys!(libc::SYS_mkdirat, libc::AT_FDCWD, dir.as_ptr(), 0o755);
+            if r < 0 && r != -(libc::EEXIST as isize) {
+                fail(err_fd, chdir, -r as i32);
             }
         }
-        check!(chdir, libc::chdir(plan.workdir.as_ptr()));
-        check!(STEP_BASE + Step::Setsid as u32, libc::setsid());
+        check!(chdir, sys!(libc::SYS_chdir, plan.workdir.as_ptr()));
+        check!(STEP_BASE + Step::Setsid as u32, sys!(libc::SYS_setsid));
 
         let stdio = STEP_BASE + Step::Stdio as u32;
-        check!(stdio, libc::dup2(stdin, 0));
-        check!(stdio, libc::dup2(log, 1));
-        check!(stdio, libc::dup2(log, 2));
-        check!(stdio, libc::dup2(ready_w, 3));
+        check!(stdio, sys!(libc::SYS_dup3, stdin, 0, 0));
+        check!(stdio, sys!(libc::SYS_dup3, log, 1, 0));
+        check!(stdio, sys!(libc::SYS_dup3, log, 2, 0));
+        check!(stdio, sys!(libc::SYS_dup3, ready_w, 3, 0));
 
         let caps = STEP_BASE + Step::Capabilities as u32;
         for cap in 0..=plan.last_cap {
             if plan.caps_keep & (1u64 << cap) == 0 {
-                check!(caps, libc::prctl(libc::PR_CAPBSET_DROP, cap as c_ulong, 0, 0, 0));
+                check!(caps, sys!(libc::SYS_prctl, libc::PR_CAPBSET_DROP, cap, 0, 0, 0));
             }
         }
         check!(
             caps,
-            libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as c_ulong, 0, 0, 0)
+            sys!(libc::SYS_prctl, libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
         );
         let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
         let low = plan.caps_keep as u32;
@@ -412,16 +743,16 @@ unsafe fn child_main(raw: &RawChild<'_>) -> ! {
             CapData { effective: low, permitted: low, inheritable: 0 },
             CapData { effective: high, permitted: high, inheritable: 0 },
         ];
-        check!(caps, libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()));
+        check!(caps, sys!(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()));
 
         check!(
             STEP_BASE + Step::NoNewPrivs as u32,
-            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+            sys!(libc::SYS_prctl, libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         );
-        for fprog in raw.fprogs {
+        for fprog in &raw.fprogs {
             check!(
                 STEP_BASE + Step::Seccomp as u32,
-                libc::syscall(
+                sys!(
                     libc::SYS_seccomp,
                     libc::SECCOMP_SET_MODE_FILTER,
                     0,
@@ -430,8 +761,8 @@ unsafe fn child_main(raw: &RawChild<'_>) -> ! {
             );
         }
 
-        libc::execve(plan.exe.as_ptr(), raw.argv.as_ptr(), raw.envp.as_ptr());
-        fail(err_fd, STEP_BASE + Step::Exec as u32, errno())
+        let r = sys!(libc::SYS_execve, plan.exe.as_ptr(), raw.argv.as_ptr(), raw.envp.as_ptr());
+        fail(err_fd, STEP_BASE + Step::Exec as u32, -r as i32)
     }
 }
 
@@ -451,26 +782,27 @@ struct CapData {
 }
 
 /// Brings `lo` up in the current network namespace with the SIOCSIFFLAGS ioctl.
+/// Returns `-errno` on failure.
 ///
 /// # Safety
 /// Raw syscalls only; safe to call in the cloned child.
-unsafe fn loopback_up() -> c_int {
+unsafe fn loopback_up() -> isize {
     // SAFETY: ifreq is plain old data; the ioctls read and write only it.
     unsafe {
-        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        let sock = sys!(libc::SYS_socket, libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if sock < 0 {
-            return -1;
+            return sock;
         }
         let mut req: libc::ifreq = std::mem::zeroed();
         for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
             *dst = *src as c_char;
         }
-        let mut ret = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
+        let mut ret = sys!(libc::SYS_ioctl, sock, libc::SIOCGIFFLAGS, &mut req as *mut libc::ifreq);
         if ret == 0 {
             req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            ret = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
+            ret = sys!(libc::SYS_ioctl, sock, libc::SIOCSIFFLAGS, &req as *const libc::ifreq);
         }
-        libc::close(sock);
+        sys!(libc::SYS_close, sock);
         ret
     }
 }

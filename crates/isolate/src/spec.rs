@@ -102,7 +102,12 @@ pub struct SandboxSpec {
     pub command: Option<Vec<String>>,
     pub limits: Limits,
     pub egress: Egress,
-    /// Run the sandbox in its own user namespace. Not supported yet.
+    /// Run the sandbox in its own user namespace, which owns all its other
+    /// namespaces: root inside is host uid [`crate::IdRange::base`]
+    /// ([`crate::Driver::with_user_ids`]), the image's files are root's inside
+    /// (idmapped mounts), the host's bind-mounted files are `nobody`'s. The overlay
+    /// then reads its metadata from `user.overlay.*` (`userxattr`), which hutch-image
+    /// sets beside `trusted.overlay.*` for opaque directories.
     pub user_namespace: bool,
 }
 

@@ -8,9 +8,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hutch_isolate::{CreateSandboxError, SandboxId, SandboxSpec};
+use hutch_testkit::Registry;
+use hutch_testkit::sandboxd_request as request;
+use oci_client::client::ImageLayer;
+use oci_client::secrets::RegistryAuth::Anonymous;
 use serde_json::json;
+use support::TestEnv;
 use support::image::import;
-use support::{TestEnv, request};
 
 fn app_config(cmd: Option<serde_json::Value>) -> serde_json::Value {
     let mut config = json!({
@@ -124,75 +128,16 @@ async fn image_whose_command_does_not_exist_fails_create_and_leaves_nothing() ->
     Ok(())
 }
 
-/// Debian's docker-registry on 127.0.0.1:<free port>, with its storage in a temp dir;
-/// killed on drop.
-struct Registry {
-    child: std::process::Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("storage").display()
-            ),
-        )?;
-        let child = std::process::Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        let registry = Self { child, addr, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&registry.addr).is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "registry did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(registry)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_pulled_from_a_registry_runs_end_to_end() -> anyhow::Result<()> {
-    use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
-
     let registry = Registry::start()?;
-    let reference = format!("{}/test/busybox:1", registry.addr);
-    let layer = support::image::busybox_layer()?;
-    let config = support::image::image_config(
+    let reference = registry.reference("test/busybox:1");
+    let layer = hutch_testkit::busybox_layer()?;
+    let config = hutch_testkit::image_config(
         &layer,
         app_config(Some(json!(["sh", "-c", "echo $FOO > /tmp/main-ran; exec sleep 1000"]))),
     )?;
-    let client = oci_client::Client::new(ClientConfig {
-        protocol: ClientProtocol::Http,
-        ..ClientConfig::default()
-    });
-    client
-        .push(
-            &reference.parse()?,
-            &[ImageLayer::oci_v1(layer, None)],
-            Config::oci_v1(config, None),
-            &oci_client::secrets::RegistryAuth::Anonymous,
-            None,
-        )
-        .await?;
+    registry.push("test/busybox:1", &[ImageLayer::oci_v1(layer, None)], config, &Anonymous).await?;
 
     let env = TestEnv::new("image-pull")?;
     let store = hutch_image::ImageStore::open(env.dir.path().join("images"))?;

@@ -4,7 +4,8 @@ mod support;
 
 use std::time::Duration;
 
-use support::{TestEnv, request};
+use hutch_testkit::sandboxd_request as request;
+use support::TestEnv;
 
 /// Docker's default capability set as a bit mask.
 const DOCKER_CAPS: u64 = 0xa80425fb;
@@ -443,13 +444,9 @@ async fn layers_image_is_stacked_read_only_beneath_a_private_upper() -> anyhow::
     let layers = tempfile::tempdir()?;
     let bottom = layers.path().join("bottom");
     let top = layers.path().join("top");
-    std::fs::create_dir_all(bottom.join("bin"))?;
+    hutch_testkit::busybox_rootfs(&bottom, &["sh", "cat", "ls", "echo"])?;
     std::fs::create_dir_all(bottom.join("data"))?;
     std::fs::create_dir_all(top.join("data"))?;
-    std::fs::copy("/bin/busybox", bottom.join("bin/busybox"))?;
-    for tool in ["sh", "cat", "ls", "echo"] {
-        std::os::unix::fs::symlink("busybox", bottom.join("bin").join(tool))?;
-    }
     std::fs::write(bottom.join("data/a"), "bottom")?;
     std::fs::write(bottom.join("data/b"), "bottom")?;
     std::fs::write(top.join("data/a"), "top")?;

@@ -4,54 +4,14 @@
 
 mod support;
 
-use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hutch_isolate::Egress;
 use hutch_net::{NetConfig, NetManager};
+use hutch_testkit::in_private_netns;
 use support::TestEnv;
-
-const INNER_ENV: &str = "HUTCH_ISOLATE_NET_TEST_INNER";
-
-/// Runs `body` in a fresh network namespace by re-executing this test binary there.
-fn in_private_netns<F, Fut>(test_name: &str, body: F)
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
-    if std::env::var(INNER_ENV).as_deref() == Ok(test_name) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        runtime
-            .block_on(async {
-                let up = Command::new("ip").args(["link", "set", "lo", "up"]).status()?;
-                anyhow::ensure!(up.success(), "ip link set lo up failed");
-                body().await
-            })
-            .unwrap_or_else(|error| panic!("{error:?}"));
-        return;
-    }
-    let output = Command::new("unshare")
-        .args(["--net", "--"])
-        .arg(std::env::current_exe().expect("test binary path"))
-        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(INNER_ENV, test_name)
-        .output()
-        .expect("run unshare");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains(&format!("test {test_name} ... ok")),
-        "test in a private network namespace failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-}
 
 /// Python that connects to `host:port` and prints `connected` or the error name.
 fn connect_probe(host: Ipv4Addr, port: u16) -> String {

@@ -15,14 +15,18 @@
 //! * not link-local or metadata addresses (169.254.0.0/16 by default);
 //! * no IPv6 at all, and no spoofed source address.
 //!
-//! See `rules.rs` for the exact policy. Kernel calls go through two seams,
-//! `link.rs` (rtnetlink) and `nft.rs` (the `nft` binary); address leases,
-//! naming and rule generation are plain code with unit tests.
+//! See `rules.rs` for the exact policy: static rules, and per sandbox two
+//! elements of nft sets. Kernel calls go through three seams, `link.rs`
+//! (rtnetlink), `nfnl.rs` (nf_tables netlink, for set elements: attach and
+//! detach run no process) and `nft.rs` (the `nft` binary, for the static
+//! ruleset and listings); address leases, naming and rule generation are plain
+//! code with unit tests.
 
 mod ipnet;
 mod lease;
 mod link;
 mod naming;
+mod nfnl;
 mod nft;
 mod rules;
 
@@ -43,10 +47,12 @@ pub use crate::naming::{
     InvalidSandboxIdError, MAX_SANDBOX_ID_LEN, SANDBOX_IFNAME, VETH_PREFIX, validate_sandbox_id,
     veth_name,
 };
+pub use crate::nfnl::SetElementError;
 pub use crate::nft::NftError;
 
 use crate::lease::LeaseStore;
 use crate::link::{HostNetlink, SandboxInterface, configure_namespace};
+use crate::nfnl::{SetElement, SetElements};
 use crate::nft::Nft;
 use crate::rules::Policy;
 
@@ -121,7 +127,7 @@ pub struct SandboxNet {
 pub struct NetSweepReport {
     /// Host-side veths removed.
     pub veths_removed: Vec<String>,
-    /// Number of per-sandbox nft rules removed.
+    /// Number of per-sandbox nft set elements removed (two per sandbox).
     pub rules_removed: usize,
     /// Sandbox ids whose lease was released.
     pub leases_released: Vec<String>,
@@ -150,6 +156,8 @@ pub enum NetSetupError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot restore the nft set elements of leased sandboxes")]
+    SetElements(#[from] SetElementError),
 }
 
 /// Why a sandbox could not be attached. Whatever was created for it is removed
@@ -170,8 +178,8 @@ pub enum AttachNetworkError {
     Netlink(#[from] NetlinkError),
     #[error("cannot configure the sandbox's network namespace")]
     Namespace(#[from] ConfigureNamespaceError),
-    #[error("cannot add the sandbox's nft rules")]
-    Nft(#[from] NftError),
+    #[error("cannot add the sandbox's nft set elements")]
+    SetElements(#[from] SetElementError),
     #[error("cannot remove what an earlier attach of the same sandbox left")]
     Stale(#[source] Box<DetachNetworkError>),
 }
@@ -181,8 +189,8 @@ pub enum AttachNetworkError {
 pub enum DetachNetworkError {
     #[error(transparent)]
     InvalidSandboxId(#[from] InvalidSandboxIdError),
-    #[error("cannot remove the sandbox's nft rules")]
-    Nft(#[from] NftError),
+    #[error("cannot remove the sandbox's nft set elements")]
+    SetElements(#[from] SetElementError),
     #[error("cannot remove the sandbox's veth")]
     Netlink(#[from] NetlinkError),
     #[error("cannot release the sandbox's lease")]
@@ -192,8 +200,10 @@ pub enum DetachNetworkError {
 /// Why a sweep could not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum NetSweepError {
-    #[error("cannot remove stale nft rules")]
+    #[error("cannot list the nft ruleset")]
     Nft(#[from] NftError),
+    #[error("cannot remove stale nft set elements")]
+    SetElements(#[from] SetElementError),
     #[error("cannot remove stale veths")]
     Netlink(#[from] NetlinkError),
     #[error("cannot release stale leases")]
@@ -230,6 +240,8 @@ struct Inner {
     bridge_index: u32,
     netlink: HostNetlink,
     nft: Nft,
+    // Per-sandbox nft state (set elements) goes through netlink, not `nft`.
+    elements: SetElements,
     leases: LeaseStore,
     // Ids whose removal runs in the background. A std mutex: it is held only
     // for a set insert, remove or look-up, never across an await.
@@ -276,9 +288,10 @@ fn write_sysctl(path: &str, value: &str, missing_ok: bool) -> Result<(), NetSetu
 
 impl NetManager {
     /// Ensures the bridge (with the gateway address, up), the nft tables and
-    /// their static rules, and IPv4 forwarding in this network namespace. Safe
-    /// to call again, e.g. by a restarted dataplane: per-sandbox rules, veths
-    /// and leases of running sandboxes are kept.
+    /// their static rules and sets, and IPv4 forwarding in this network
+    /// namespace. Safe to call again, e.g. by a restarted dataplane: veths and
+    /// leases of running sandboxes are kept, and every leased sandbox's set
+    /// elements are (re-)added.
     pub async fn new(config: NetConfig) -> Result<NetManager, NetSetupError> {
         let bridge_ok = !config.bridge.is_empty()
             && config.bridge.len() <= 15
@@ -304,6 +317,7 @@ impl NetManager {
         let nft = Nft::new(config.nft_binary.clone());
         nft.check_installed().await?;
         let leases = LeaseStore::open(&config.state_dir, config.subnet)?;
+        let elements = SetElements::open()?;
         let netlink = HostNetlink::open().map_err(NetSetupError::NetlinkConnect)?;
         let bridge_index =
             netlink.ensure_bridge(&config.bridge, gateway, config.subnet.prefix_len()).await?;
@@ -321,12 +335,28 @@ impl NetManager {
             bridge_index,
             netlink,
             nft,
+            elements,
             leases,
             removing: Mutex::new(HashSet::new()),
             removed: Notify::new(),
             namespaces: Mutex::new(HashMap::new()),
         };
         inner.nft.apply(rules::base_ruleset(&inner.policy())).await?;
+        // Every leased sandbox gets its set elements (again): a no-op for
+        // running sandboxes, and how sandboxes attached by the first version,
+        // which kept per-sandbox rules in chains the base ruleset just
+        // removed, keep their network. Dead ones are left to sweep, as before.
+        let restored: Vec<_> = inner
+            .leases
+            .sandbox_ids()
+            .into_iter()
+            .filter_map(|id| {
+                let address = inner.leases.get(&id)?;
+                Some(inner.sandbox_elements(&id, address))
+            })
+            .flatten()
+            .collect();
+        inner.elements.add(&restored)?;
         Ok(NetManager { inner: Arc::new(inner) })
     }
 
@@ -342,8 +372,8 @@ impl NetManager {
     /// Sets up networking inside the network namespace at `netns` (for example
     /// `/proc/<pid>/ns/net`): loopback always; for [`Egress::Internet`] also the
     /// veth pair, the leased address, the default route and the sandbox's nft
-    /// rules. Attaching an attached sandbox again replaces its veth and rules
-    /// and keeps its address; attaching a sandbox whose detach still runs in
+    /// set elements. Attaching an attached sandbox again replaces its veth and
+    /// set elements and keeps its address; attaching a sandbox whose detach still runs in
     /// the background first waits for it.
     pub async fn attach(
         &self,
@@ -391,10 +421,10 @@ impl NetManager {
         }
     }
 
-    /// Starts removing the sandbox's veth, nft rules, neighbour entry and lease
-    /// in the background and returns at once; [`NetManager::settle`] waits for
-    /// it. Idempotent: detaching a sandbox that has no network (or no longer
-    /// has one, or is being detached) succeeds.
+    /// Starts removing the sandbox's veth, nft set elements, neighbour entry
+    /// and lease in the background and returns at once; [`NetManager::settle`]
+    /// waits for it. Idempotent: detaching a sandbox that has no network (or
+    /// no longer has one, or is being detached) succeeds.
     ///
     /// The sandbox's address stays leased until everything else is gone, so it
     /// is never handed to another sandbox early; a removal that fails (it is
@@ -410,7 +440,7 @@ impl NetManager {
     /// waits for it to disappear (deleting it itself after 2 s).
     pub async fn detach(&self, sandbox_id: &str) -> Result<(), DetachNetworkError> {
         validate_sandbox_id(sandbox_id)?;
-        // Invariant: a sandbox's veth and rules exist only while its lease does
+        // Invariant: a sandbox's veth and set elements exist only while its lease does
         // (attach leases first, removal releases last), so no lease, nothing to do.
         if self.inner.leases.get(sandbox_id).is_none() {
             return Ok(());
@@ -447,9 +477,9 @@ impl NetManager {
         self.inner.removal_finished(None).await;
     }
 
-    /// Removes veths, nft rules and leases of every sandbox not in `live`, for
-    /// example what a crashed dataplane left behind. Waits for background
-    /// removals first.
+    /// Removes veths, nft set elements and leases of every sandbox not in
+    /// `live`, for example what a crashed dataplane left behind. Waits for
+    /// background removals first.
     pub async fn sweep(&self, live: &HashSet<String>) -> Result<NetSweepReport, NetSweepError> {
         self.settle().await;
         self.inner.sweep(live).await
@@ -513,27 +543,24 @@ impl Inner {
         address: Ipv4Addr,
     ) -> Result<SandboxNet, AttachNetworkError> {
         let veth = veth_name(sandbox_id);
-        let rules = rules::sandbox_rules(&self.policy(), sandbox_id, &veth, address);
-        // The rules match the veth by name and address, so they can go in
-        // before the veth exists; the `nft` child process, the slowest step,
-        // runs while the links are set up over netlink and inside the
-        // namespace on a thread of its own.
-        let links = async {
-            // A veth of a crashed earlier attempt would make creation fail; it
-            // belongs to this sandbox id by its name.
-            self.netlink.delete_link(&veth).await?;
-            self.netlink.create_sandbox_veth(&veth, self.bridge_index, &namespace, address).await?;
-            let interface = SandboxInterface {
-                address,
-                prefix_len: self.config.subnet.prefix_len(),
-                gateway: self.gateway,
-            };
-            configure_namespace(namespace, Some(interface)).await?;
-            Ok::<_, AttachNetworkError>(())
+        // The elements match the veth by name and address, so they can go in
+        // before the veth exists; one netlink batch, tens of microseconds.
+        self.elements.add(&self.sandbox_elements(sandbox_id, address))?;
+        self.netlink.create_sandbox_veth(&veth, self.bridge_index, &namespace, address).await?;
+        let interface = SandboxInterface {
+            address,
+            prefix_len: self.config.subnet.prefix_len(),
+            gateway: self.gateway,
         };
-        let (links, nft) = tokio::join!(links, self.nft.apply(rules));
-        nft?;
-        links?;
+        // Both ends exist now; the host end and the inside are configured at
+        // the same time. The host end comes up only as an isolated port, and
+        // the link carries nothing before both ends are up.
+        let (port, inside) = tokio::join!(
+            self.netlink.set_up_sandbox_port(&veth, self.bridge_index, address),
+            configure_namespace(namespace, Some(interface)),
+        );
+        port?;
+        inside?;
         if !self.netlink.wait_until_up(&veth, LINK_UP_TIMEOUT).await? {
             // Not an error: the sandbox works once the kernel catches up.
             tracing::warn!(sandbox_id, veth, "veth not operationally up after attach");
@@ -560,10 +587,18 @@ impl Inner {
             }
             self.netlink.delete_link(&veth).await
         };
-        // Independent, and deleting a veth waits for an RCU grace period.
-        let (rules, link) = tokio::join!(self.remove_rules(sandbox_id), link);
-        rules?;
-        link?;
+        // Elements first: once they are gone, nothing from the sandbox's port
+        // passes the bridge, whatever the veth's removal still waits for.
+        if let Some(address) = self.leases.get(sandbox_id) {
+            let elements = self.sandbox_elements(sandbox_id, address);
+            match self.elements.delete(&elements) {
+                // One was missing (someone changed the sets underneath), so the
+                // batch deleted nothing: delete what is there one by one.
+                Err(error) if error.is_not_found() => self.elements.delete_each(&elements)?,
+                result => result?,
+            }
+        }
+        link.await?;
         if let Some(address) = self.leases.get(sandbox_id) {
             self.netlink.delete_neighbour(self.bridge_index, address).await?;
         }
@@ -571,28 +606,21 @@ impl Inner {
         Ok(())
     }
 
-    async fn remove_rules(&self, sandbox_id: &str) -> Result<(), NftError> {
-        // Rules are found by their comments: attach does not ask nft to echo
-        // their handles, which would make the `nft` run on the create path
-        // about twice as slow.
-        let listing = self.nft.list().await?;
-        let stale: Vec<_> = rules::sandbox_rules_in_listing(&listing, &self.config.nft_table)
-            .into_iter()
-            .filter(|rule| rule.sandbox_id == sandbox_id)
-            .collect();
-        self.nft.apply(rules::delete_rules(&self.config.nft_table, &stale)).await
+    fn sandbox_elements(&self, sandbox_id: &str, address: Ipv4Addr) -> [SetElement; 2] {
+        rules::sandbox_elements(&self.config.nft_table, sandbox_id, &veth_name(sandbox_id), address)
     }
 
     async fn sweep(&self, live: &HashSet<String>) -> Result<NetSweepReport, NetSweepError> {
         let mut report = NetSweepReport::default();
         let listing = self.nft.list().await?;
-        let stale: Vec<_> = rules::sandbox_rules_in_listing(&listing, &self.config.nft_table)
+        let stale: Vec<_> = rules::sandbox_elements_in_listing(&listing, &self.config.nft_table)
             .into_iter()
-            .filter(|rule| !live.contains(&rule.sandbox_id))
+            .filter(|(sandbox_id, _)| !live.contains(sandbox_id))
+            .map(|(_, element)| element)
             .collect();
         report.rules_removed = stale.len();
         self.namespaces().retain(|id, _| live.contains(id));
-        self.nft.apply(rules::delete_rules(&self.config.nft_table, &stale)).await?;
+        self.elements.delete_each(&stale)?;
         let live_veths: HashSet<String> = live.iter().map(|id| veth_name(id)).collect();
         for name in self.netlink.link_names_with_prefix(VETH_PREFIX).await? {
             if !live_veths.contains(&name) && self.netlink.delete_link(&name).await? {

@@ -13,9 +13,7 @@ use std::os::fd::AsRawFd;
 use futures_util::TryStreamExt;
 use nix::sched::CloneFlags;
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage, State,
-};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, State};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -26,6 +24,9 @@ use rtnetlink::{
 use tokio::task::JoinHandle;
 
 use crate::naming::{SANDBOX_IFNAME, mac_for};
+
+/// Every network namespace's loopback device has this index.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// A failed netlink request, with what it was doing and to which object.
 #[derive(Debug, thiserror::Error)]
@@ -137,9 +138,10 @@ impl HostNetlink {
         Ok(index)
     }
 
-    /// Creates the veth pair `host_name` (a port of `bridge_index`, isolated from
-    /// the other ports, up) and `eth0` directly inside the namespace `netns`,
-    /// with the MAC that belongs to `address`.
+    /// Creates the veth pair `host_name` (a port of `bridge_index`, down) and
+    /// `eth0` directly inside the namespace `netns`, with the MAC that belongs
+    /// to `address`. A host end of that name left by a crashed earlier attempt
+    /// (it belongs to the same sandbox id by its name) is replaced.
     pub(crate) async fn create_sandbox_veth(
         &self,
         host_name: &str,
@@ -147,17 +149,39 @@ impl HostNetlink {
         netns: &File,
         address: Ipv4Addr,
     ) -> Result<(), NetlinkError> {
-        let peer = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(SANDBOX_IFNAME)
-            .address(mac_for(address).to_vec())
-            .setns_by_fd(netns.as_raw_fd())
-            .build();
-        let veth: LinkMessage = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(host_name.to_owned())
-            .controller(bridge_index)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
-        self.handle.link().add(veth).execute().await.map_err(context("create veth", host_name))?;
+        let veth = || {
+            let peer = LinkMessageBuilder::<LinkUnspec>::new()
+                .name(SANDBOX_IFNAME)
+                .address(mac_for(address).to_vec())
+                .setns_by_fd(netns.as_raw_fd())
+                .build();
+            LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+                .name(host_name.to_owned())
+                .controller(bridge_index)
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                .build()
+        };
+        // Trying first saves a look-up on every attach; the stale case is rare.
+        match self.handle.link().add(veth()).execute().await {
+            Err(error)
+                if errno(&error) == Some(libc::EEXIST) && self.delete_link(host_name).await? =>
+            {
+                self.handle.link().add(veth()).execute().await
+            }
+            result => result,
+        }
+        .map_err(context("create veth", host_name))
+    }
+
+    /// Makes the host end `host_name` of a sandbox's veth an isolated, non-
+    /// flooding port of `bridge_index`, brings it up, and tells the bridge and
+    /// the host where `address` is.
+    pub(crate) async fn set_up_sandbox_port(
+        &self,
+        host_name: &str,
+        bridge_index: u32,
+        address: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
         // Isolated ports only talk to the bridge itself (the host), never to each
         // other: sandbox-to-sandbox frames are dropped before any IP rule runs.
         // The kernel applies the port data before the flags, so the port is
@@ -173,38 +197,45 @@ impl HostNetlink {
             .bcast_flood(false)
             .up()
             .build();
-        self.handle
-            .link()
-            .set_port(port)
-            .execute()
-            .await
-            .map_err(context("isolate and bring up bridge port", host_name))?;
-        let index = self.link_index(host_name).await?.ok_or_else(|| {
-            context("find created veth", host_name)(rtnetlink::Error::RequestFailed)
-        })?;
         let mac = mac_for(address);
-        // A static forwarding entry: the bridge knows the sandbox's port before
-        // the sandbox has sent anything.
-        self.handle
-            .neighbours()
-            .add_bridge(index, &mac)
-            .flags(NeighbourFlags::Controller)
-            .state(NeighbourState::Noarp)
-            .replace()
-            .execute()
-            .await
-            .map_err(context("add bridge forwarding entry for", host_name))?;
+        let port = async {
+            self.handle
+                .link()
+                .set_port(port)
+                .execute()
+                .await
+                .map_err(context("isolate and bring up bridge port", host_name))?;
+            let index = self.link_index(host_name).await?.ok_or_else(|| {
+                context("find created veth", host_name)(rtnetlink::Error::RequestFailed)
+            })?;
+            // A static forwarding entry: the bridge knows the sandbox's port
+            // before the sandbox has sent anything.
+            self.handle
+                .neighbours()
+                .add_bridge(index, &mac)
+                .flags(NeighbourFlags::Controller)
+                .state(NeighbourState::Noarp)
+                .replace()
+                .execute()
+                .await
+                .map_err(context("add bridge forwarding entry for", host_name))
+        };
         // A permanent neighbour entry: the host never has to ARP for the
         // sandbox, so no lost ARP request can delay its first connection by
-        // the one-second ARP retry.
-        self.handle
-            .neighbours()
-            .add(bridge_index, IpAddr::V4(address))
-            .link_layer_address(&mac)
-            .replace()
-            .execute()
-            .await
-            .map_err(context("add neighbour entry for", &address.to_string()))
+        // the one-second ARP retry. Independent of the port, so it is sent
+        // without waiting for the port's answers.
+        let neighbour = async {
+            self.handle
+                .neighbours()
+                .add(bridge_index, IpAddr::V4(address))
+                .link_layer_address(&mac)
+                .replace()
+                .execute()
+                .await
+                .map_err(context("add neighbour entry for", &address.to_string()))
+        };
+        let (port, neighbour) = tokio::join!(port, neighbour);
+        port.and(neighbour)
     }
 
     /// Removes the host's neighbour entry for a sandbox address; absent is fine.
@@ -403,50 +434,58 @@ async fn configure_links(
     handle: &Handle,
     interface: Option<SandboxInterface>,
 ) -> Result<(), ConfigureNamespaceError> {
-    let lo = link_index(handle, "lo").await?;
-    handle
-        .link()
-        .change(LinkUnspec::new_with_index(lo).up().build())
-        .execute()
-        .await
-        .map_err(context("bring up", "lo"))?;
-    let Some(interface) = interface else {
-        return Ok(());
+    // Requests that do not depend on each other's answers are sent together:
+    // the kernel still handles them in order, but no round trip waits for
+    // another.
+    let lo_up = async {
+        handle
+            .link()
+            .change(LinkUnspec::new_with_index(LOOPBACK_IFINDEX).up().build())
+            .execute()
+            .await
+            .map_err(context("bring up", "lo"))
     };
-    let eth0 = link_index(handle, SANDBOX_IFNAME).await?;
-    handle
-        .address()
-        .add(eth0, IpAddr::V4(interface.address), interface.prefix_len)
-        .replace()
-        .execute()
-        .await
-        .map_err(context("add address to", SANDBOX_IFNAME))?;
-    handle
-        .link()
-        .change(LinkUnspec::new_with_index(eth0).up().build())
-        .execute()
-        .await
-        .map_err(context("bring up", SANDBOX_IFNAME))?;
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .gateway(interface.gateway)
-        .output_interface(eth0)
-        .build();
-    // The gateway's MAC is known (the bridge's, derived from its address), so
-    // the sandbox's first packet needs no ARP round trip either.
-    handle
-        .neighbours()
-        .add(eth0, IpAddr::V4(interface.gateway))
-        .link_layer_address(&mac_for(interface.gateway))
-        .replace()
-        .execute()
-        .await
-        .map_err(context("add neighbour entry for", &interface.gateway.to_string()))?;
-    handle
-        .route()
-        .add(route)
-        .replace()
-        .execute()
-        .await
-        .map_err(context("add default route via", &interface.gateway.to_string()))?;
-    Ok(())
+    let Some(interface) = interface else {
+        return Ok(lo_up.await?);
+    };
+    let eth0_up = async {
+        let eth0 = link_index(handle, SANDBOX_IFNAME).await?;
+        let address = handle
+            .address()
+            .add(eth0, IpAddr::V4(interface.address), interface.prefix_len)
+            .replace()
+            .execute();
+        // The gateway's MAC is known (the bridge's, derived from its address),
+        // so the sandbox's first packet needs no ARP round trip either.
+        let neighbour = handle
+            .neighbours()
+            .add(eth0, IpAddr::V4(interface.gateway))
+            .link_layer_address(&mac_for(interface.gateway))
+            .replace()
+            .execute();
+        let (address, neighbour) = tokio::join!(address, neighbour);
+        address.map_err(context("add address to", SANDBOX_IFNAME))?;
+        neighbour.map_err(context("add neighbour entry for", &interface.gateway.to_string()))?;
+        handle
+            .link()
+            .change(LinkUnspec::new_with_index(eth0).up().build())
+            .execute()
+            .await
+            .map_err(context("bring up", SANDBOX_IFNAME))?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(interface.gateway)
+            .output_interface(eth0)
+            .build();
+        handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(context("add default route via", &interface.gateway.to_string()))?;
+        Ok::<_, ConfigureNamespaceError>(())
+    };
+    let (lo, eth0) = tokio::join!(lo_up, eth0_up);
+    lo?;
+    eth0
 }

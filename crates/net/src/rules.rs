@@ -1,23 +1,25 @@
 //! nftables rule generation (pure) and the reading of listed rulesets.
 //!
-//! Two tables carry the policy, both named after `NetConfig::nft_table`:
+//! Two tables carry the policy, both named after `NetConfig::nft_table`. The
+//! rules are static; what is per sandbox are elements of two sets, which
+//! attach and detach add and delete over netlink (see `nfnl.rs`) in one
+//! transaction, each with the comment `hutch:<sandbox id>`:
 //!
 //! * `bridge <table>` sees every frame a sandbox sends into the bridge. Its
-//!   `prerouting` chain sends frames from sandbox ports (`hv-*`) to the `ports`
-//!   chain, which holds one anti-spoofing pair of rules per sandbox (IPv4 and ARP
-//!   from that port must carry the sandbox's own address), and drops everything
-//!   else from sandbox ports: IPv6, other ethertypes, and spoofed sources. This is
-//!   what makes the source address in the `inet` table trustworthy.
+//!   `prerouting` chain accepts IPv4 and ARP from a sandbox port (`hv-*`) only
+//!   when the pair (port name, source address) is in the set `sandbox_ports`,
+//!   which holds one element per sandbox, and drops everything else from
+//!   sandbox ports: IPv6, other ethertypes, and spoofed sources. This is what
+//!   makes the source address in the `inet` table trustworthy.
 //! * `inet <table>` sees routed traffic. `input` drops every new connection from
 //!   the bridge to the host itself, whatever host address it targets; `forward`
 //!   lets nothing in towards sandboxes but replies, drops the blocked ranges
-//!   (link-local and metadata by default), then sends traffic from the bridge to
-//!   the `egress` chain, which accepts one sandbox address per rule, and drops
-//!   the rest. `postrouting` masquerades the subnet on its way out.
+//!   (link-local and metadata by default), then accepts traffic from the bridge
+//!   whose source is in the set `sandbox_addrs` (one address per sandbox), and
+//!   drops the rest. `postrouting` masquerades the subnet on its way out.
 //!
-//! Base chains are flushed and rewritten by `NetManager::new` in one transaction;
-//! the regular chains `ports` and `egress` hold only per-sandbox rules, each with
-//! the comment `hutch:<sandbox id>`, and survive a restart of the manager.
+//! Base chains are flushed and rewritten by `NetManager::new` in one
+//! transaction; the sets and their elements survive a restart of the manager.
 
 use std::borrow::Cow;
 use std::net::Ipv4Addr;
@@ -26,19 +28,29 @@ use nftables::batch::Batch;
 use nftables::expr::{
     CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix,
 };
-use nftables::schema::{Chain, FlushObject, NfCmd, NfListObject, Nftables, Rule, Table};
-use nftables::stmt::{JumpTarget, Match, Operator, Statement};
+use nftables::schema::{
+    Chain, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use crate::ipnet::Ipv4Net;
 use crate::naming::{VETH_PREFIX, rule_comment, sandbox_id_from_comment};
+use crate::nfnl::{Family, SetElement};
 
 const INPUT: &str = "input";
 const FORWARD: &str = "forward";
-const EGRESS: &str = "egress";
+/// Regular chains of the first version, which held one rule per sandbox.
+const LEGACY_CHAINS: [(NfFamily, &str); 2] =
+    [(NfFamily::Bridge, "ports"), (NfFamily::INet, "egress")];
 const POSTROUTING: &str = "postrouting";
 const PREROUTING: &str = "prerouting";
-const PORTS: &str = "ports";
+/// The bridge table's set of `port name . address` pairs sandboxes may send from.
+pub(crate) const PORTS_SET: &str = "sandbox_ports";
+/// The inet table's set of sandbox addresses that may leave through `forward`.
+pub(crate) const ADDRESSES_SET: &str = "sandbox_addrs";
+/// Bytes of an interface name in a set key (`IFNAMSIZ`).
+const IFNAME_KEY_LEN: usize = 16;
 
 /// Standard hook priorities (`filter`, `srcnat`, and the bridge family's `filter`).
 const PRIORITY_FILTER: i32 = 0;
@@ -52,15 +64,6 @@ pub(crate) struct Policy<'a> {
     pub bridge: &'a str,
     pub subnet: Ipv4Net,
     pub blocked_destinations: &'a [Ipv4Net],
-}
-
-/// One per-sandbox rule found in a listed ruleset.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SandboxRule {
-    pub sandbox_id: String,
-    pub family: NfFamily,
-    pub chain: String,
-    pub handle: u32,
 }
 
 fn meta(key: MetaKey) -> Expression<'static> {
@@ -113,10 +116,6 @@ fn drop() -> Statement<'static> {
     Statement::Drop(None)
 }
 
-fn jump(target: &str) -> Statement<'static> {
-    Statement::Jump(JumpTarget { target: target.to_owned().into() })
-}
-
 fn table(family: NfFamily, name: &str) -> Table<'static> {
     Table { family, name: name.to_owned().into(), handle: None }
 }
@@ -166,8 +165,23 @@ fn rule(
     }
 }
 
-/// The whole static policy: tables and chains are added (a no-op when they
-/// exist), base chains are flushed and refilled, per-sandbox chains are kept.
+fn set(family: NfFamily, table: &str, name: &str, set_type: SetTypeValue<'static>) -> Set<'static> {
+    Set {
+        family,
+        table: table.to_owned().into(),
+        name: name.to_owned().into(),
+        set_type,
+        ..Set::default()
+    }
+}
+
+fn set_reference(name: &str) -> Expression<'static> {
+    string(format!("@{name}"))
+}
+
+/// The whole static policy: tables, chains and sets are added (a no-op when
+/// they exist), base chains are flushed and refilled, set elements are kept.
+/// The per-sandbox chains of the first version are removed.
 pub(crate) fn base_ruleset(policy: &Policy<'_>) -> Nftables<'static> {
     let t = policy.table;
     let bridge = || string(policy.bridge);
@@ -184,10 +198,30 @@ pub(crate) fn base_ruleset(policy: &Policy<'_>) -> Nftables<'static> {
         PRIORITY_BRIDGE_FILTER,
     );
     batch.add(NfListObject::Chain(prerouting.clone()));
-    batch.add(NfListObject::Chain(regular_chain(NfFamily::Bridge, t, PORTS)));
+    batch.add(NfListObject::Set(Box::new(set(
+        NfFamily::Bridge,
+        t,
+        PORTS_SET,
+        SetTypeValue::Concatenated(vec![SetType::Ifname, SetType::Ipv4Addr].into()),
+    ))));
     batch.add_cmd(NfCmd::Flush(FlushObject::Chain(prerouting)));
+    let port_and_source = |protocol: &'static str, field: &'static str| {
+        Expression::Named(NamedExpression::Concat(vec![
+            meta(MetaKey::Iifname),
+            payload(protocol, field),
+        ]))
+    };
     let bridge_rules = [
-        vec![eq(meta(MetaKey::Iifname), ports()), jump(PORTS)],
+        vec![
+            eq(meta(MetaKey::Iifname), ports()),
+            eq(port_and_source("ip", "saddr"), set_reference(PORTS_SET)),
+            accept(),
+        ],
+        vec![
+            eq(meta(MetaKey::Iifname), ports()),
+            eq(port_and_source("arp", "saddr ip"), set_reference(PORTS_SET)),
+            accept(),
+        ],
         vec![eq(meta(MetaKey::Iifname), ports()), drop()],
     ];
 
@@ -213,9 +247,23 @@ pub(crate) fn base_ruleset(policy: &Policy<'_>) -> Nftables<'static> {
     for chain in [&input, &forward, &postrouting] {
         batch.add(NfListObject::Chain(chain.clone()));
     }
-    batch.add(NfListObject::Chain(regular_chain(NfFamily::INet, t, EGRESS)));
+    batch.add(NfListObject::Set(Box::new(set(
+        NfFamily::INet,
+        t,
+        ADDRESSES_SET,
+        SetTypeValue::Single(SetType::Ipv4Addr),
+    ))));
     for chain in [input, forward, postrouting] {
         batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain)));
+    }
+    // The base chains no longer jump to them (flushed above, in the same
+    // transaction), so they can go; adding them first makes this work whether
+    // or not they exist.
+    for (family, name) in LEGACY_CHAINS {
+        let chain = regular_chain(family, t, name);
+        batch.add(NfListObject::Chain(chain.clone()));
+        batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain.clone())));
+        batch.delete(NfListObject::Chain(chain));
     }
 
     for expr in bridge_rules {
@@ -242,7 +290,11 @@ pub(crate) fn base_ruleset(policy: &Policy<'_>) -> Nftables<'static> {
             drop(),
         ]);
     }
-    forward_rules.push(vec![iif_bridge(), jump(EGRESS)]);
+    forward_rules.push(vec![
+        iif_bridge(),
+        eq(payload("ip", "saddr"), set_reference(ADDRESSES_SET)),
+        accept(),
+    ]);
     forward_rules.push(vec![iif_bridge(), drop()]);
     for expr in forward_rules {
         batch.add(NfListObject::Rule(rule(NfFamily::INet, t, FORWARD, expr, None)));
@@ -262,52 +314,37 @@ pub(crate) fn base_ruleset(policy: &Policy<'_>) -> Nftables<'static> {
     batch.to_nftables()
 }
 
-/// The rules that let one sandbox's traffic through: its port may only send its
-/// own address (IPv4 and ARP), and that address may leave through `forward`.
-pub(crate) fn sandbox_rules(
-    policy: &Policy<'_>,
+/// The key of a `sandbox_ports` element: the port name zero-padded to
+/// `IFNAMSIZ` bytes, then the address (each part of a concatenation fills
+/// whole 4-byte registers, and both parts already do).
+fn port_key(veth: &str, address: Ipv4Addr) -> Vec<u8> {
+    let mut key = vec![0u8; IFNAME_KEY_LEN];
+    let name = &veth.as_bytes()[..veth.len().min(IFNAME_KEY_LEN - 1)];
+    key[..name.len()].copy_from_slice(name);
+    key.extend_from_slice(&address.octets());
+    key
+}
+
+/// The set elements that let one sandbox's traffic through: its port may only
+/// send its own address (IPv4 and ARP), and that address may leave through
+/// `forward`.
+pub(crate) fn sandbox_elements(
+    table_name: &str,
     sandbox_id: &str,
     veth: &str,
     address: Ipv4Addr,
-) -> Nftables<'static> {
-    let t = policy.table;
-    let comment = || Some(rule_comment(sandbox_id));
-    let port = || eq(meta(MetaKey::Iifname), string(veth));
-    let mut batch = Batch::new();
-    batch.add(NfListObject::Rule(rule(
-        NfFamily::Bridge,
-        t,
-        PORTS,
-        vec![port(), eq(payload("ip", "saddr"), string(address.to_string())), accept()],
-        comment(),
-    )));
-    batch.add(NfListObject::Rule(rule(
-        NfFamily::Bridge,
-        t,
-        PORTS,
-        vec![port(), eq(payload("arp", "saddr ip"), string(address.to_string())), accept()],
-        comment(),
-    )));
-    batch.add(NfListObject::Rule(rule(
-        NfFamily::INet,
-        t,
-        EGRESS,
-        vec![eq(payload("ip", "saddr"), string(address.to_string())), accept()],
-        comment(),
-    )));
-    batch.to_nftables()
-}
-
-/// Deletes the given rules, by handle.
-pub(crate) fn delete_rules(table_name: &str, rules: &[SandboxRule]) -> Nftables<'static> {
-    let mut batch = Batch::new();
-    for found in rules {
-        batch.delete(NfListObject::Rule(Rule {
-            handle: Some(found.handle),
-            ..rule(found.family, table_name, &found.chain, Vec::new(), None)
-        }));
-    }
-    batch.to_nftables()
+) -> [SetElement; 2] {
+    let element = |family, set: &str, key| SetElement {
+        family,
+        table: table_name.to_owned(),
+        set: set.to_owned(),
+        key,
+        comment: rule_comment(sandbox_id),
+    };
+    [
+        element(Family::Bridge, PORTS_SET, port_key(veth, address)),
+        element(Family::Inet, ADDRESSES_SET, address.octets().to_vec()),
+    ]
 }
 
 /// Removes both tables. Adding a table first makes the deletion succeed whether
@@ -321,42 +358,72 @@ pub(crate) fn delete_tables(table_name: &str) -> Nftables<'static> {
     batch.to_nftables()
 }
 
-/// Per-sandbox rules of our tables in the output of `nft -j list ruleset`, or
-/// in nft's echo of an applied batch.
+/// Per-sandbox set elements of our tables in the output of
+/// `nft -j list ruleset`, with the sandbox id their comment names.
 ///
 /// The listing is read as plain JSON rather than the typed schema because the
 /// host's other tables may hold expressions the schema does not know.
-pub(crate) fn sandbox_rules_in_listing(
+pub(crate) fn sandbox_elements_in_listing(
     listing: &serde_json::Value,
     table_name: &str,
-) -> Vec<SandboxRule> {
+) -> Vec<(String, SetElement)> {
     let Some(objects) = listing.get("nftables").and_then(|v| v.as_array()) else {
         return Vec::new();
     };
-    objects
-        .iter()
-        // A listing holds `{"rule": ..}`, the echo of an applied batch `{"add": {"rule": ..}}`.
-        .filter_map(|object| {
-            object.get("rule").or_else(|| object.get("add").and_then(|add| add.get("rule")))
-        })
-        .filter_map(|rule| {
-            let family = match rule.get("family")?.as_str()? {
-                "bridge" => NfFamily::Bridge,
-                "inet" => NfFamily::INet,
-                _ => return None,
+    let mut found = Vec::new();
+    for set in objects.iter().filter_map(|object| object.get("set")) {
+        let family = match set.get("family").and_then(|v| v.as_str()) {
+            Some("bridge") => Family::Bridge,
+            Some("inet") => Family::Inet,
+            _ => continue,
+        };
+        let name = set.get("name").and_then(|v| v.as_str());
+        let ours = set.get("table").and_then(|v| v.as_str()) == Some(table_name)
+            && matches!(
+                (family, name),
+                (Family::Bridge, Some(PORTS_SET)) | (Family::Inet, Some(ADDRESSES_SET))
+            );
+        if !ours {
+            continue;
+        }
+        let elements = set.get("elem").and_then(|v| v.as_array()).map(Vec::as_slice).unwrap_or(&[]);
+        for element in elements {
+            let Some(element) = element.get("elem") else { continue };
+            let Some(comment) = element.get("comment").and_then(|v| v.as_str()) else {
+                continue;
             };
-            if rule.get("table")?.as_str()? != table_name {
-                return None;
-            }
-            let sandbox_id = sandbox_id_from_comment(rule.get("comment")?.as_str()?)?;
-            Some(SandboxRule {
-                sandbox_id: sandbox_id.to_owned(),
-                family,
-                chain: rule.get("chain")?.as_str()?.to_owned(),
-                handle: u32::try_from(rule.get("handle")?.as_u64()?).ok()?,
-            })
-        })
-        .collect()
+            let Some(sandbox_id) = sandbox_id_from_comment(comment) else { continue };
+            let value = element.get("val");
+            let key = match family {
+                Family::Bridge => value
+                    .and_then(|v| v.get("concat"))
+                    .and_then(|v| v.as_array())
+                    .and_then(|parts| match parts.as_slice() {
+                        [veth, address] => {
+                            let address = address.as_str()?.parse::<Ipv4Addr>().ok()?;
+                            Some(port_key(veth.as_str()?, address))
+                        }
+                        _ => None,
+                    }),
+                Family::Inet => value
+                    .and_then(|v| v.as_str())
+                    .and_then(|address| address.parse::<Ipv4Addr>().ok())
+                    .map(|address| address.octets().to_vec()),
+            };
+            let Some(key) = key else { continue };
+            found.push((
+                sandbox_id.to_owned(),
+                SetElement {
+                    family,
+                    table: table_name.to_owned(),
+                    set: name.unwrap_or_default().to_owned(),
+                    key,
+                    comment: comment.to_owned(),
+                },
+            ));
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -389,7 +456,9 @@ mod tests {
         assert!(text.contains(r#"{"prefix":{"addr":"169.254.0.0","len":16}}"#));
         assert!(text.contains(r#"{"masquerade":null}"#));
         assert!(text.contains(r#""right":"hv-*""#));
-        // Base chains are flushed, per-sandbox chains are not.
+        assert!(text.contains(r#""right":"@sandbox_ports""#));
+        assert!(text.contains(r#""right":"@sandbox_addrs""#));
+        // Base chains are flushed, the sets are not; legacy chains are removed.
         let flushed: Vec<_> = json["nftables"]
             .as_array()
             .unwrap()
@@ -397,60 +466,49 @@ mod tests {
             .filter_map(|o| o.get("flush"))
             .map(|f| f["chain"]["name"].as_str().unwrap().to_owned())
             .collect();
-        assert_eq!(flushed, ["prerouting", "input", "forward", "postrouting"]);
+        assert_eq!(flushed, ["prerouting", "input", "forward", "postrouting", "ports", "egress"]);
+        let deleted: Vec<_> = json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.get("delete"))
+            .map(|d| d["chain"]["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(deleted, ["ports", "egress"]);
     }
 
     #[test]
-    fn sandbox_rules_carry_the_sandbox_id_and_its_address() {
-        let (subnet, blocked) = policy();
-        let json = to_json(&sandbox_rules(
-            &Policy { table: "hutch", bridge: "hutch0", subnet, blocked_destinations: &blocked },
-            "sb-1",
-            "hv-0123456789ab",
-            Ipv4Addr::new(10, 89, 0, 2),
-        ));
-        let rules = json["nftables"].as_array().unwrap();
-        assert_eq!(rules.len(), 3);
-        for rule in rules {
-            assert_eq!(rule["add"]["rule"]["comment"], "hutch:sb-1");
-            assert!(rule.to_string().contains("10.89.0.2"));
-        }
+    fn sandbox_elements_carry_the_sandbox_id_and_its_address() {
+        let [port, egress] =
+            sandbox_elements("hutch", "sb-1", "hv-0123456789ab", Ipv4Addr::new(10, 89, 0, 2));
+        assert_eq!(port.set, PORTS_SET);
+        assert_eq!(port.family, Family::Bridge);
+        assert_eq!(&port.key[..16], b"hv-0123456789ab\0");
+        assert_eq!(&port.key[16..], [10, 89, 0, 2]);
+        assert_eq!(egress.set, ADDRESSES_SET);
+        assert_eq!(egress.family, Family::Inet);
+        assert_eq!(egress.key, [10, 89, 0, 2]);
+        assert!(port.comment == "hutch:sb-1" && egress.comment == "hutch:sb-1");
     }
 
     #[test]
-    fn listed_rules_are_attributed_to_sandboxes_by_comment() {
+    fn listed_elements_are_attributed_to_sandboxes_by_comment() {
         let listing = json!({"nftables": [
             {"metainfo": {"version": "1.0.6"}},
-            {"table": {"family": "inet", "name": "hutch", "handle": 1}},
-            {"table": {"family": "ip", "name": "other", "handle": 2}},
-            {"rule": {"family": "inet", "table": "hutch", "chain": "egress", "handle": 7, "comment": "hutch:sb-1", "expr": []}},
-            {"rule": {"family": "bridge", "table": "hutch", "chain": "ports", "handle": 9, "comment": "hutch:sb-2", "expr": []}},
-            {"rule": {"family": "inet", "table": "hutch", "chain": "forward", "handle": 3, "expr": []}},
-            {"rule": {"family": "ip", "table": "other", "chain": "x", "handle": 4, "comment": "hutch:sb-1", "expr": [{"xt": null}]}},
-            {"add": {"rule": {"family": "inet", "table": "hutch", "chain": "egress", "handle": 11, "comment": "hutch:sb-3", "expr": []}}},
+            {"set": {"family": "bridge", "table": "hutch", "name": "sandbox_ports", "type": ["ifname", "ipv4_addr"],
+                     "elem": [{"elem": {"val": {"concat": ["hv-0123456789ab", "10.89.0.2"]}, "comment": "hutch:sb-1"}},
+                              {"concat": ["hv-uncommented", "10.89.0.9"]}]}},
+            {"set": {"family": "inet", "table": "hutch", "name": "sandbox_addrs", "type": "ipv4_addr",
+                     "elem": [{"elem": {"val": "10.89.0.3", "comment": "hutch:sb-2"}}]}},
+            {"set": {"family": "inet", "table": "other", "name": "sandbox_addrs", "type": "ipv4_addr",
+                     "elem": [{"elem": {"val": "10.89.0.4", "comment": "hutch:sb-3"}}]}},
+            {"set": {"family": "inet", "table": "hutch", "name": "unrelated", "type": "ipv4_addr",
+                     "elem": [{"elem": {"val": "10.89.0.5", "comment": "hutch:sb-4"}}]}},
         ]});
-        assert_eq!(
-            sandbox_rules_in_listing(&listing, "hutch"),
-            vec![
-                SandboxRule {
-                    sandbox_id: "sb-1".into(),
-                    family: NfFamily::INet,
-                    chain: "egress".into(),
-                    handle: 7
-                },
-                SandboxRule {
-                    sandbox_id: "sb-2".into(),
-                    family: NfFamily::Bridge,
-                    chain: "ports".into(),
-                    handle: 9
-                },
-                SandboxRule {
-                    sandbox_id: "sb-3".into(),
-                    family: NfFamily::INet,
-                    chain: "egress".into(),
-                    handle: 11
-                },
-            ]
-        );
+        let found = sandbox_elements_in_listing(&listing, "hutch");
+        let [port, _] =
+            sandbox_elements("hutch", "sb-1", "hv-0123456789ab", Ipv4Addr::new(10, 89, 0, 2));
+        let [_, egress] = sandbox_elements("hutch", "sb-2", "hv-x", Ipv4Addr::new(10, 89, 0, 3));
+        assert_eq!(found, [("sb-1".to_owned(), port), ("sb-2".to_owned(), egress)]);
     }
 }

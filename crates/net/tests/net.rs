@@ -34,7 +34,7 @@ fn egress_none_brings_up_loopback_and_nothing_else() {
         let server = serve_peer_address(Some(&sandbox), addr(Ipv4Addr::LOCALHOST, 0))?;
         ensure!(probe(Some(&sandbox), server)? == "127.0.0.1");
         ensure!(lease_files(&state)?.is_empty());
-        ensure!(sandbox_rule_comments()?.is_empty());
+        ensure!(sandbox_nft_comments()?.is_empty());
         manager.detach("sb-none").await?;
         Ok(())
     });
@@ -58,8 +58,8 @@ fn egress_internet_reaches_the_outside_through_nat() {
         // The outside sees the host's uplink address, not the sandbox's.
         ensure!(probe(Some(&sandbox), server)? == HOST_UPLINK.to_string());
         ensure!(lease_files(&state)? == ["sb-1"]);
-        ensure!(sandbox_rule_comments()?.iter().all(|c| c == "hutch:sb-1"));
-        ensure!(sandbox_rule_comments()?.len() == 3);
+        ensure!(sandbox_nft_comments()?.iter().all(|c| c == "hutch:sb-1"));
+        ensure!(sandbox_nft_comments()?.len() == 2);
         Ok(())
     });
 }
@@ -197,7 +197,7 @@ fn detach_and_sweep_leave_no_veth_rule_or_lease_behind() {
         manager.detach("sb-a").await?;
         manager.detach("sb-a").await?;
         manager.settle().await;
-        ensure!(!sandbox_rule_comments()?.iter().any(|c| c == "hutch:sb-a"));
+        ensure!(!sandbox_nft_comments()?.iter().any(|c| c == "hutch:sb-a"));
         ensure!(!links_here().await?.iter().any(|(name, _)| *name == veth_name("sb-a")));
         ensure!(lease_files(&state)? == ["sb-b", "sb-c"]);
         ensure!(links_in(&sandboxes[0])? == links(&[("lo", true)]));
@@ -205,7 +205,7 @@ fn detach_and_sweep_leave_no_veth_rule_or_lease_behind() {
         // A restarted manager keeps what running sandboxes have ...
         drop(manager);
         let manager = support::manager(&state).await?;
-        ensure!(sandbox_rule_comments()?.len() == 6);
+        ensure!(sandbox_nft_comments()?.len() == 4);
         ensure!(permanent_neighbours_here().await?.len() == 2);
         probe(Some(&sandboxes[1]), internet)?;
         // ... and its sweep removes what the dead ones left.
@@ -214,7 +214,7 @@ fn detach_and_sweep_leave_no_veth_rule_or_lease_behind() {
             report
                 == NetSweepReport {
                     veths_removed: vec![veth_name("sb-c")],
-                    rules_removed: 3,
+                    rules_removed: 2,
                     leases_released: vec!["sb-c".to_owned()],
                 },
             "{report:?}"
@@ -223,8 +223,8 @@ fn detach_and_sweep_leave_no_veth_rule_or_lease_behind() {
         ensure!(probe_once(Some(&sandboxes[2]), internet).is_err());
 
         let report = manager.sweep(&HashSet::new()).await?;
-        ensure!(report.veths_removed == [veth_name("sb-b")] && report.rules_removed == 3);
-        ensure!(sandbox_rule_comments()?.is_empty());
+        ensure!(report.veths_removed == [veth_name("sb-b")] && report.rules_removed == 2);
+        ensure!(sandbox_nft_comments()?.is_empty());
         ensure!(lease_files(&state)?.is_empty());
         ensure!(permanent_neighbours_here().await?.is_empty());
         ensure!(links_here().await? == host_links);
@@ -266,12 +266,12 @@ fn detach_returns_before_the_removal_and_a_new_attach_of_the_id_waits_for_it() {
             ensure!(address.is_some());
             probe(Some(&second), internet)?;
             probe(Some(&other), internet)?;
-            ensure!(sandbox_rule_comments()?.len() == 6);
+            ensure!(sandbox_nft_comments()?.len() == 4);
             ensure!(lease_files(&state)? == ["sb-1", "sb-2"]);
             manager.detach("sb-1").await?;
             manager.detach("sb-2").await?;
             manager.settle().await;
-            ensure!(sandbox_rule_comments()?.is_empty());
+            ensure!(sandbox_nft_comments()?.is_empty());
             ensure!(lease_files(&state)?.is_empty());
             ensure!(permanent_neighbours_here().await?.is_empty());
             Ok(())
@@ -296,7 +296,7 @@ fn a_sandbox_whose_namespace_died_is_removed_completely() {
         manager.settle().await;
 
         ensure!(links_here().await? == host_links);
-        ensure!(sandbox_rule_comments()?.is_empty());
+        ensure!(sandbox_nft_comments()?.is_empty());
         ensure!(lease_files(&state)?.is_empty());
         ensure!(permanent_neighbours_here().await?.is_empty());
         Ok(())
@@ -316,7 +316,7 @@ fn attaching_again_keeps_the_address_and_replaces_the_rules() {
         let second = manager.attach("sb-1", &sandbox.path(), Egress::Internet).await?;
 
         ensure!(first == second);
-        ensure!(sandbox_rule_comments()?.len() == 3);
+        ensure!(sandbox_nft_comments()?.len() == 2);
         probe(Some(&sandbox), internet)?;
         Ok(())
     });
@@ -350,7 +350,7 @@ fn two_hundred_attach_detach_cycles_leak_nothing() {
         ensure!(links_here().await? == host_links);
         ensure!(permanent_neighbours_here().await?.is_empty());
         ensure!(links_in(&sandbox)? == links(&[("lo", true)]));
-        ensure!(sandbox_rule_comments()?.is_empty());
+        ensure!(sandbox_nft_comments()?.is_empty());
         ensure!(lease_files(&state)?.is_empty());
         // Descriptors of finished work (an nft pipe, a netlink socket) close
         // asynchronously; a leak would be 200 of them.
@@ -416,28 +416,26 @@ fn a_reused_address_is_reachable_at_once() {
 }
 
 #[test]
-fn detach_finds_rules_by_comment_when_the_ruleset_changed_underneath() {
-    in_private_netns(
-        "detach_finds_rules_by_comment_when_the_ruleset_changed_underneath",
-        || async {
-            let state = tempfile::tempdir()?;
-            let manager = manager(&state).await?;
-            let sandbox = Netns::new()?;
-            manager.attach("sb-1", &sandbox.path(), Egress::Internet).await?;
-            let status = std::process::Command::new("nft")
-                .args(["flush", "chain", "inet", "hutch", "egress"])
-                .status()?;
-            ensure!(status.success());
-            ensure!(sandbox_rule_comments()?.len() == 2);
+fn detach_removes_what_is_left_when_the_sets_changed_underneath() {
+    in_private_netns("detach_removes_what_is_left_when_the_sets_changed_underneath", || async {
+        let state = tempfile::tempdir()?;
+        let manager = manager(&state).await?;
+        let sandbox = Netns::new()?;
+        let address = manager
+            .attach("sb-1", &sandbox.path(), Egress::Internet)
+            .await?
+            .address
+            .expect("address");
+        nft(&["delete", "element", "inet", "hutch", "sandbox_addrs", &format!("{{ {address} }}")])?;
+        ensure!(sandbox_nft_comments()? == ["hutch:sb-1"]);
 
-            manager.detach("sb-1").await?;
-            manager.settle().await;
+        manager.detach("sb-1").await?;
+        manager.settle().await;
 
-            ensure!(sandbox_rule_comments()?.is_empty());
-            ensure!(lease_files(&state)?.is_empty());
-            Ok(())
-        },
-    );
+        ensure!(sandbox_nft_comments()?.is_empty());
+        ensure!(lease_files(&state)?.is_empty());
+        Ok(())
+    });
 }
 
 #[test]
@@ -464,13 +462,13 @@ fn concurrent_attaches_get_distinct_working_addresses() {
         for netns in &sandboxes {
             ensure!(probe(Some(netns), internet)? == HOST_UPLINK.to_string());
         }
-        ensure!(sandbox_rule_comments()?.len() == 8 * 3);
+        ensure!(sandbox_nft_comments()?.len() == 8 * 2);
         futures_util::future::join_all(ids.iter().map(|id| manager.detach(id)))
             .await
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         manager.settle().await;
-        ensure!(sandbox_rule_comments()?.is_empty());
+        ensure!(sandbox_nft_comments()?.is_empty());
         ensure!(lease_files(&state)?.is_empty());
         Ok(())
     });
@@ -561,6 +559,172 @@ fn a_networked_sandbox_has_no_ipv6_on_its_link() {
         });
 
         ensure!(disabled);
+        Ok(())
+    });
+}
+
+#[test]
+fn per_sandbox_state_is_set_elements_and_the_rules_stay_static() {
+    in_private_netns("per_sandbox_state_is_set_elements_and_the_rules_stay_static", || async {
+        let state = tempfile::tempdir()?;
+        let manager = manager(&state).await?;
+        let rules = nft_rule_count()?;
+        let sandboxes = [Netns::new()?, Netns::new()?, Netns::new()?];
+
+        for (id, netns) in ["sb-a", "sb-b", "sb-c"].iter().zip(&sandboxes) {
+            manager.attach(id, &netns.path(), Egress::Internet).await?;
+        }
+
+        ensure!(nft_rule_count()? == rules);
+        let mut comments = sandbox_nft_comments()?;
+        comments.sort();
+        ensure!(
+            comments
+                == [
+                    "hutch:sb-a",
+                    "hutch:sb-a",
+                    "hutch:sb-b",
+                    "hutch:sb-b",
+                    "hutch:sb-c",
+                    "hutch:sb-c"
+                ],
+            "{comments:?}"
+        );
+        manager.detach("sb-b").await?;
+        manager.settle().await;
+        let mut comments = sandbox_nft_comments()?;
+        comments.sort();
+        ensure!(comments == ["hutch:sb-a", "hutch:sb-a", "hutch:sb-c", "hutch:sb-c"]);
+        ensure!(nft_rule_count()? == rules);
+        Ok(())
+    });
+}
+
+#[test]
+fn attach_and_detach_run_no_nft_process() {
+    in_private_netns("attach_and_detach_run_no_nft_process", || async {
+        let state = tempfile::tempdir()?;
+        let tools = tempfile::tempdir()?;
+        let nft_path = String::from_utf8(
+            std::process::Command::new("sh").args(["-c", "command -v nft"]).output()?.stdout,
+        )?;
+        let nft_link = tools.path().join("nft");
+        std::os::unix::fs::symlink(nft_path.trim(), &nft_link)?;
+        let mut config = NetConfig::new(state.path().join("leases"));
+        config.nft_binary = nft_link.clone();
+        let manager = NetManager::new(config).await?;
+        let outside = outside_network().await?;
+        let internet = serve_peer_address(Some(&outside), addr(OUTSIDE, 0))?;
+        std::fs::remove_file(&nft_link)?;
+        let sandbox = Netns::new()?;
+
+        manager.attach("sb-1", &sandbox.path(), Egress::Internet).await?;
+        ensure!(probe(Some(&sandbox), internet)? == HOST_UPLINK.to_string());
+        manager.detach("sb-1").await?;
+        manager.settle().await;
+
+        ensure!(links_in(&sandbox)? == links(&[("lo", true)]));
+        ensure!(sandbox_nft_comments()?.is_empty() && lease_files(&state)?.is_empty());
+        Ok(())
+    });
+}
+
+#[test]
+fn a_restarted_manager_restores_the_set_elements_of_leased_sandboxes() {
+    in_private_netns(
+        "a_restarted_manager_restores_the_set_elements_of_leased_sandboxes",
+        || async {
+            let state = tempfile::tempdir()?;
+            let manager = manager(&state).await?;
+            let outside = outside_network().await?;
+            let internet = serve_peer_address(Some(&outside), addr(OUTSIDE, 0))?;
+            let sandbox = Netns::new()?;
+            manager.attach("sb-1", &sandbox.path(), Egress::Internet).await?;
+            probe(Some(&sandbox), internet)?;
+            // The sets lose their elements (as a first-version manager's
+            // sandboxes never had any): the sandbox loses its network ...
+            nft(&["flush", "set", "bridge", "hutch", "sandbox_ports"])?;
+            nft(&["flush", "set", "inet", "hutch", "sandbox_addrs"])?;
+            ensure!(probe_once(Some(&sandbox), internet).is_err());
+
+            drop(manager);
+            let _manager = support::manager(&state).await?;
+
+            // ... and gets it back from the restarted manager, from its lease.
+            ensure!(probe(Some(&sandbox), internet)? == HOST_UPLINK.to_string());
+            ensure!(sandbox_nft_comments()? == ["hutch:sb-1", "hutch:sb-1"]);
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn a_manager_replaces_the_per_sandbox_chains_of_the_first_version() {
+    in_private_netns("a_manager_replaces_the_per_sandbox_chains_of_the_first_version", || async {
+        let state = tempfile::tempdir()?;
+        let manager = manager(&state).await?;
+        drop(manager);
+        // What the first version left: regular chains with per-sandbox rules.
+        nft(&["add", "chain", "bridge", "hutch", "ports"])?;
+        nft(&[
+            "add",
+            "rule",
+            "bridge",
+            "hutch",
+            "ports",
+            "iifname",
+            "hv-0",
+            "accept",
+            "comment",
+            "\"hutch:old\"",
+        ])?;
+        nft(&["add", "chain", "inet", "hutch", "egress"])?;
+        nft(&[
+            "add",
+            "rule",
+            "inet",
+            "hutch",
+            "egress",
+            "ip",
+            "saddr",
+            "10.89.0.9",
+            "accept",
+            "comment",
+            "\"hutch:old\"",
+        ])?;
+        ensure!(sandbox_nft_comments()?.len() == 2);
+
+        let manager = support::manager(&state).await?;
+
+        ensure!(sandbox_nft_comments()?.is_empty());
+        manager.teardown().await?;
+        ensure!(nft_tables()?.is_empty());
+        Ok(())
+    });
+}
+
+#[test]
+fn a_thousand_leases_are_restored_on_start_and_swept_without_veths() {
+    in_private_netns("a_thousand_leases_are_restored_on_start_and_swept_without_veths", || async {
+        let state = tempfile::tempdir()?;
+        // What a crashed manager with a thousand sandboxes leaves: leases.
+        let leases = state.path().join("leases");
+        std::fs::create_dir_all(&leases)?;
+        let ids: Vec<String> = (0..1000).map(|i| format!("sb-{i}")).collect();
+        for (i, id) in (2u32..).zip(&ids) {
+            let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 89, 0, 0)) + i);
+            std::fs::write(leases.join(id), format!("{address}\n"))?;
+        }
+
+        let manager = manager(&state).await?;
+
+        ensure!(sandbox_nft_comments()?.len() == 2 * ids.len());
+        let live = HashSet::from([ids[0].clone()]);
+        let report = manager.sweep(&live).await?;
+        ensure!(report.rules_removed == 2 * (ids.len() - 1), "{}", report.rules_removed);
+        ensure!(report.leases_released.len() == ids.len() - 1);
+        ensure!(sandbox_nft_comments()? == ["hutch:sb-0", "hutch:sb-0"]);
+        ensure!(lease_files(&state)? == ["sb-0"]);
         Ok(())
     });
 }

@@ -15,7 +15,10 @@ use hutch_proto::node as proto;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{CreatedKey, Egress, Namespace, Resources, Sandbox, SandboxList, SandboxState};
+use crate::model::{
+    CreatedKey, Egress, Namespace, Node as NodeView, NodeResources, NodeState, Resources, Sandbox,
+    SandboxList, SandboxState,
+};
 use crate::scheduler::{self, Free};
 use crate::store::{
     ApiKeyRecord, IdempotencyRecord, NamespaceRecord, SandboxRecord, StopRequest, Store,
@@ -24,6 +27,9 @@ use crate::store::{
 use crate::time::{now_ms, rfc3339};
 use crate::validate::ValidCreate;
 
+/// The namespace that always exists: created on first open, and the
+/// namespace clients use when they name none, so it cannot be deleted.
+pub const DEFAULT_NAMESPACE: &str = "default";
 /// How long an idempotency key is remembered.
 const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
 /// How many queued commands are handled before desired states are rebuilt.
@@ -48,6 +54,8 @@ pub enum ControlError {
     NamespaceNotFound(String),
     #[error("namespace {0} already exists")]
     NamespaceExists(String),
+    #[error("namespace {0} is reserved and cannot be deleted")]
+    NamespaceReserved(String),
     #[error("sandbox {0} not found")]
     SandboxNotFound(String),
     #[error("key {0} not found")]
@@ -115,6 +123,12 @@ pub enum Command {
     ListNamespaces {
         reply: Reply<Vec<Namespace>>,
     },
+    /// Stops and forgets every sandbox of the namespace, then deletes its
+    /// keys and the namespace itself.
+    DeleteNamespace {
+        name: String,
+        reply: Reply<Result<Namespace, ControlError>>,
+    },
     CreateKey {
         namespace: String,
         reply: Reply<Result<CreatedKey, ControlError>>,
@@ -164,6 +178,11 @@ pub enum Command {
     },
     ListNodes {
         reply: Reply<Vec<NodeTarget>>,
+    },
+    /// Every known node (or only `only`), with capacity and allocations.
+    DescribeNodes {
+        only: Option<String>,
+        reply: Reply<Vec<NodeView>>,
     },
     Metrics {
         reply: Reply<MetricsSnapshot>,
@@ -216,6 +235,8 @@ struct Node {
     capacity: Resources,
     proxy_url: String,
     last_seen: Instant,
+    /// Unix ms of the last Register or report (None: not since we started).
+    last_seen_ms: Option<i64>,
     /// False for nodes known only from sandboxes loaded at open, until they
     /// register again.
     registered: bool,
@@ -229,6 +250,7 @@ impl Node {
             capacity: Resources { cpus: 0.0, memory_mb: 0, disk_mb: 0, pids: 0 },
             proxy_url: String::new(),
             last_seen: now,
+            last_seen_ms: None,
             registered: false,
             lost: false,
             desired: watch::Sender::new(Arc::new(proto::DesiredState::default())),
@@ -297,8 +319,8 @@ impl<S: Store> Controller<S> {
                 .sandboxes
                 .insert(record.id.clone(), Entry { record, last_activity_ms: now, retained });
         }
-        if !controller.namespaces.contains_key("default") {
-            let record = NamespaceRecord { name: "default".to_owned(), created_at_ms: now };
+        if !controller.namespaces.contains_key(DEFAULT_NAMESPACE) {
+            let record = NamespaceRecord { name: DEFAULT_NAMESPACE.to_owned(), created_at_ms: now };
             controller.store.put_namespace(&record).await?;
             controller.namespaces.insert(record.name.clone(), record);
         }
@@ -345,6 +367,9 @@ impl<S: Store> Controller<S> {
             Command::ListNamespaces { reply } => {
                 let _ = reply.send(self.namespaces.values().map(namespace_view).collect());
             }
+            Command::DeleteNamespace { name, reply } => {
+                let _ = reply.send(self.delete_namespace(&name).await);
+            }
             Command::CreateKey { namespace, reply } => {
                 let _ = reply.send(self.create_key(namespace).await);
             }
@@ -385,6 +410,9 @@ impl<S: Store> Controller<S> {
                     .collect();
                 let _ = reply.send(nodes);
             }
+            Command::DescribeNodes { only, reply } => {
+                let _ = reply.send(self.describe_nodes(only.as_deref()));
+            }
             Command::Metrics { reply } => {
                 let _ = reply.send(self.metrics());
             }
@@ -417,6 +445,42 @@ impl<S: Store> Controller<S> {
         let view = namespace_view(&record);
         self.namespaces.insert(record.name.clone(), record);
         Ok(view)
+    }
+
+    /// Deletes a namespace. Its sandboxes are marked deleted (so a new
+    /// namespace of the same name never sees them) and those still alive are
+    /// stopped with reason `namespace_deleted`; its keys stop working at once.
+    async fn delete_namespace(&mut self, name: &str) -> Result<Namespace, ControlError> {
+        if name == DEFAULT_NAMESPACE {
+            return Err(ControlError::NamespaceReserved(name.to_owned()));
+        }
+        let Some(namespace) = self.namespaces.get(name).map(namespace_view) else {
+            return Err(ControlError::NamespaceNotFound(name.to_owned()));
+        };
+        let sandboxes: Vec<SandboxRecord> = self
+            .sandboxes
+            .values()
+            .map(|entry| &entry.record)
+            .filter(|record| record.namespace == name && !record.deleted)
+            .map(|record| {
+                let mut record = record.clone();
+                record.deleted = true;
+                if !record.state.is_terminal() {
+                    let grace = record.stop.as_ref().map_or(10, |stop| stop.grace_secs);
+                    stop_record(&mut record, "namespace_deleted", grace);
+                }
+                record
+            })
+            .collect();
+        // One transaction: a crash leaves the namespace either whole or gone.
+        self.store.delete_namespace(name, &sandboxes).await?;
+        for record in sandboxes {
+            self.remember(record);
+        }
+        self.keys.retain(|_, key| key.namespace != name);
+        self.idempotency.retain(|(namespace, _), _| namespace != name);
+        self.namespaces.remove(name);
+        Ok(namespace)
     }
 
     async fn create_key(&mut self, namespace: String) -> Result<CreatedKey, ControlError> {
@@ -643,6 +707,46 @@ impl<S: Store> Controller<S> {
         })
     }
 
+    fn describe_nodes(&self, only: Option<&str>) -> Vec<NodeView> {
+        let mut allocated: BTreeMap<&str, (NodeResources, u64)> = BTreeMap::new();
+        for (node, resources) in self.reservations() {
+            let (sum, count) = allocated.entry(node).or_default();
+            sum.cpus += resources.cpus;
+            sum.memory_mb = sum.memory_mb.saturating_add(resources.memory_mb);
+            sum.disk_mb = sum.disk_mb.saturating_add(resources.disk_mb);
+            *count += 1;
+        }
+        self.nodes
+            .iter()
+            .filter(|(id, _)| only.is_none_or(|only| only == id.as_str()))
+            .map(|(id, node)| {
+                let (mut allocated, sandboxes) = allocated.remove(id.as_str()).unwrap_or_default();
+                // Sums of fractions such as 0.1 drift; cpus are shown to the
+                // millicpu, the precision a cgroup quota has anyway.
+                allocated.cpus = (allocated.cpus * 1000.0).round() / 1000.0;
+                NodeView {
+                    id: id.clone(),
+                    state: if node.lost {
+                        NodeState::Lost
+                    } else if node.registered {
+                        NodeState::Ready
+                    } else {
+                        NodeState::Unregistered
+                    },
+                    proxy_url: Some(node.proxy_url.clone()).filter(|url| !url.is_empty()),
+                    capacity: NodeResources {
+                        cpus: node.capacity.cpus,
+                        memory_mb: node.capacity.memory_mb,
+                        disk_mb: node.capacity.disk_mb,
+                    },
+                    allocated,
+                    sandboxes,
+                    last_seen_at: node.last_seen_ms.map(rfc3339),
+                }
+            })
+            .collect()
+    }
+
     fn metrics(&self) -> MetricsSnapshot {
         let mut snapshot = MetricsSnapshot::default();
         for state in SandboxState::ALL {
@@ -670,6 +774,7 @@ impl<S: Store> Controller<S> {
         node.capacity = resources_from_proto(request.capacity.as_ref());
         node.proxy_url = request.proxy_url.trim_end_matches('/').to_owned();
         node.last_seen = now;
+        node.last_seen_ms = Some(now_ms());
         node.registered = true;
         node.lost = false;
         tracing::info!(node = %request.node_id, proxy_url = %node.proxy_url, version = %request.version, "node registered");
@@ -692,6 +797,7 @@ impl<S: Store> Controller<S> {
             return Err(ControlError::NodeNotRegistered(node_id));
         };
         node.last_seen = Instant::now();
+        node.last_seen_ms = Some(now_ms());
         if node.lost {
             // Its sandboxes already failed with node_lost and stay omitted
             // from its desired state, so it destroys them.
@@ -905,16 +1011,21 @@ impl<S: Store> Controller<S> {
             .filter(|(_, node)| node.registered && !node.lost)
             .map(|(id, node)| (id.clone(), Free::of(&node.capacity)))
             .collect();
-        for entry in self.sandboxes.values() {
-            let record = &entry.record;
-            if record.state.is_terminal() {
-                continue;
-            }
-            if let Some(f) = record.node.as_ref().and_then(|node| free.get_mut(node)) {
-                f.reserve(&record.spec.resources);
+        for (node, resources) in self.reservations() {
+            if let Some(f) = free.get_mut(node) {
+                f.reserve(resources);
             }
         }
         free
+    }
+
+    /// What every placed, unfinished sandbox holds, and on which node.
+    fn reservations(&self) -> impl Iterator<Item = (&str, &Resources)> {
+        self.sandboxes
+            .values()
+            .map(|entry| &entry.record)
+            .filter(|record| !record.state.is_terminal())
+            .filter_map(|record| record.node.as_deref().map(|node| (node, &record.spec.resources)))
     }
 
     fn desired_state(&self, node_id: &str) -> Arc<proto::DesiredState> {
@@ -944,6 +1055,13 @@ impl<S: Store> Controller<S> {
     /// whoever watches.
     async fn save(&mut self, record: SandboxRecord) -> Result<(), StoreError> {
         self.store.put_sandbox(&record).await?;
+        self.remember(record);
+        Ok(())
+    }
+
+    /// The in-memory half of [`Controller::save`], for a record already
+    /// written to the store.
+    fn remember(&mut self, record: SandboxRecord) {
         let now = now_ms();
         if let Some(node) = &record.node {
             self.dirty_nodes.insert(node.clone());
@@ -971,7 +1089,6 @@ impl<S: Store> Controller<S> {
         }
         // Nobody listening is fine.
         let _ = self.events.send(view);
-        Ok(())
     }
 
     fn view(&self, record: &SandboxRecord) -> Sandbox {

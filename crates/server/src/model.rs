@@ -195,6 +195,46 @@ pub struct CreateNamespace {
     pub name: String,
 }
 
+/// Whether the server can place sandboxes on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Registered and reporting: sandboxes are placed on it.
+    Ready,
+    /// Silent for longer than the node timeout; its sandboxes failed with
+    /// `node_lost`. It becomes ready again when it reports.
+    Lost,
+    /// Known only from the sandboxes it held when the server started; it
+    /// has not registered with this server process yet.
+    Unregistered,
+}
+
+/// Resources of a node as the scheduler counts them, in the units of
+/// [`Resources`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeResources {
+    pub cpus: f64,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+}
+
+/// A dataplane as `GET /v1/nodes` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub state: NodeState,
+    /// Where the server reaches the node's proxy; null until it registers.
+    pub proxy_url: Option<String>,
+    /// What the node offers, as it last reported.
+    pub capacity: NodeResources,
+    /// The sum of the resources of the non-terminal sandboxes placed on it.
+    pub allocated: NodeResources,
+    /// How many non-terminal sandboxes are placed on it.
+    pub sandboxes: u64,
+    /// When it last registered or reported to this server process.
+    pub last_seen_at: Option<String>,
+}
+
 /// Answer of `POST /v1/namespaces/{ns}/keys`; `key` is shown only here.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreatedKey {

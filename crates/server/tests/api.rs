@@ -4,19 +4,9 @@
 mod common;
 
 use anyhow::Result;
-use common::{TestServer, id_of};
+use common::{TestServer, error_of, id_of};
 use reqwest::Method;
 use serde_json::{Value, json};
-
-async fn error_of(response: reqwest::Response) -> Result<(u16, String, String)> {
-    let status = response.status().as_u16();
-    let body: Value = response.json().await?;
-    Ok((
-        status,
-        body["error"]["code"].as_str().unwrap_or_default().to_owned(),
-        body["error"]["message"].as_str().unwrap_or_default().to_owned(),
-    ))
-}
 
 #[tokio::test]
 async fn requests_without_a_valid_key_are_unauthenticated() -> Result<()> {
@@ -408,6 +398,7 @@ async fn metrics_and_openapi_describe_the_server() -> Result<()> {
         "/metrics",
         "/openapi.json",
         "/v1/namespaces",
+        "/v1/namespaces/{ns}",
         "/v1/namespaces/{ns}/keys",
         "/v1/namespaces/{ns}/keys/{id}",
         "/v1/namespaces/{ns}/sandboxes",
@@ -420,6 +411,8 @@ async fn metrics_and_openapi_describe_the_server() -> Result<()> {
         "/v1/images/pull",
         "/v1/images/import",
         "/v1/images/{reference}",
+        "/v1/nodes",
+        "/v1/nodes/{id}",
     ] {
         assert!(paths.contains_key(path), "openapi.json does not list {path}");
     }

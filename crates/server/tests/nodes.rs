@@ -7,14 +7,12 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use common::{FakeNode, TestServer, capacity, exited, id_of, observed};
+use common::{FakeNode, TestServer, capacity, desires, error_of, exited, id_of, observed};
 use futures_util::StreamExt;
 use hutch_proto::node::{ObservedPhase, Phase, RegisterRequest};
+use hutch_server::ServerConfig;
+use reqwest::Method;
 use serde_json::{Value, json};
-
-fn desires(state: &hutch_proto::node::DesiredState, id: &str) -> bool {
-    state.sandboxes.iter().any(|s| s.spec.as_ref().is_some_and(|spec| spec.id == id))
-}
 
 #[tokio::test]
 async fn a_command_that_exits_zero_completes() -> Result<()> {
@@ -354,5 +352,118 @@ async fn a_restarted_server_keeps_its_state() -> Result<()> {
     node.wait_phase(&running, Phase::Run).await?;
     node.report(vec![observed(&running, ObservedPhase::ObservedRunning)]).await?;
     assert_eq!(server.get("team", &running).await?["state"], "running");
+    Ok(())
+}
+
+/// `GET /v1/nodes/{id}` as admin, polled until `check` holds.
+async fn wait_node(server: &TestServer, id: &str, check: impl Fn(&Value) -> bool) -> Result<Value> {
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        let node: Value =
+            server.admin(Method::GET, &format!("/v1/nodes/{id}")).send().await?.json().await?;
+        if check(&node) {
+            return Ok(node);
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "node never matched: {node}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn nodes_show_their_capacity_and_what_is_placed_on_them() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let mut node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+
+    let nodes: Value = server.admin(Method::GET, "/v1/nodes").send().await?.json().await?;
+    let listed = nodes.as_array().context("not a list")?;
+    assert_eq!(listed.len(), 1, "{nodes}");
+    let fresh = &listed[0];
+    assert_eq!(fresh["id"], "node-1");
+    assert_eq!(fresh["state"], "ready");
+    assert_eq!(fresh["proxy_url"], "http://127.0.0.1:1");
+    assert_eq!(fresh["capacity"], json!({"cpus": 4.0, "memory_mb": 4096, "disk_mb": 100_000}));
+    assert_eq!(fresh["allocated"], json!({"cpus": 0.0, "memory_mb": 0, "disk_mb": 0}));
+    assert_eq!(fresh["sandboxes"], 0);
+    assert!(fresh["last_seen_at"].as_str().is_some_and(|at| at.ends_with('Z')), "{fresh}");
+
+    // A placement is reserved as soon as the create is answered.
+    let big = json!({"resources": {"cpus": 0.5, "memory_mb": 1024, "disk_mb": 2048}});
+    let first = id_of(&server.create("default", big).await?);
+    let small = json!({"resources": {"cpus": 0.1, "memory_mb": 512, "disk_mb": 10}});
+    let second = id_of(&server.create("default", small).await?);
+    let placed = wait_node(&server, "node-1", |_| true).await?;
+    assert_eq!(placed["allocated"], json!({"cpus": 0.6, "memory_mb": 1536, "disk_mb": 2058}));
+    assert_eq!(placed["sandboxes"], 2);
+
+    // A finished sandbox gives its reservation back.
+    node.wait_desired(|state| desires(state, &first) && desires(state, &second)).await?;
+    node.report(vec![exited(&first, 0), observed(&second, ObservedPhase::ObservedRunning)]).await?;
+    let freed = wait_node(&server, "node-1", |node| node["sandboxes"] == 1).await?;
+    assert_eq!(freed["allocated"], json!({"cpus": 0.1, "memory_mb": 512, "disk_mb": 10}));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_that_stops_reporting_is_shown_lost_until_it_returns() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    wait_node(&server, "node-1", |node| node["state"] == "ready").await?;
+    // node_timeout_ms is 1000 in tests.
+    node.go_silent();
+    let lost = wait_node(&server, "node-1", |node| node["state"] == "lost").await?;
+    assert_eq!(lost["capacity"]["memory_mb"], 4096, "{lost}");
+    let _node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    wait_node(&server, "node-1", |node| node["state"] == "ready").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn nodes_are_for_the_admin_and_unknown_ones_are_not_found() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    let key = server.namespace_with_key("team").await?;
+    let _node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    for path in ["/v1/nodes", "/v1/nodes/node-1"] {
+        let response = server.http.get(server.url(path)).bearer_auth(&key).send().await?;
+        let (status, code, _) = error_of(response).await?;
+        assert_eq!((status, code.as_str()), (403, "forbidden"), "{path}");
+        let response = server.http.get(server.url(path)).send().await?;
+        assert_eq!(response.status(), 401, "{path}");
+    }
+    let response = server.admin(Method::GET, "/v1/nodes/node-2").send().await?;
+    let (status, code, message) = error_of(response).await?;
+    assert_eq!((status, code.as_str()), (404, "not_found"));
+    assert!(message.contains("node-2"), "{message}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn after_a_restart_nodes_are_known_from_their_sandboxes_until_they_register() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Long enough that the node cannot be declared lost during the test.
+    let config = ServerConfig { node_timeout_ms: 60_000, ..common::test_config(dir.path()) };
+    let server = TestServer::start_with(config.clone()).await?;
+    let node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    server.create("default", json!({"resources": {"memory_mb": 256}})).await?;
+    drop(node);
+    server.stop().await?;
+
+    let server = TestServer::start_with(config).await?;
+    let waiting = wait_node(&server, "node-1", |_| true).await?;
+    assert_eq!(waiting["state"], "unregistered", "{waiting}");
+    assert_eq!(waiting["sandboxes"], 1);
+    assert_eq!(waiting["allocated"]["memory_mb"], 256);
+    assert!(waiting["proxy_url"].is_null() && waiting["last_seen_at"].is_null(), "{waiting}");
+    let _node =
+        FakeNode::connect(&server, "node-1", capacity(4.0, 4096), "http://127.0.0.1:1").await?;
+    let back = wait_node(&server, "node-1", |node| node["state"] == "ready").await?;
+    assert_eq!(back["proxy_url"], "http://127.0.0.1:1");
     Ok(())
 }

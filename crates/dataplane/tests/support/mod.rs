@@ -1,20 +1,16 @@
 //! Fixtures of the dataplane tests: a real tonic `Node` server driven by the
-//! test, a dataplane in a temp dir with its own cgroup parent, a static
-//! sandboxd, and small HTTP helpers for the proxy.
+//! test, a dataplane in a temp dir with its own cgroup parent (running
+//! hutch-testkit's static sandboxd), and small HTTP helpers for the proxy.
 #![allow(dead_code)]
-
-pub mod image;
-pub mod registry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use bytes::Bytes;
 use futures_util::Stream;
 use http_body_util::{BodyExt, Full};
@@ -33,39 +29,6 @@ use tokio::task::JoinHandle;
 pub const TOKEN: &str = "test-node-token";
 pub const DOMAIN: &str = "sb.test";
 pub const WAIT: Duration = Duration::from_secs(30);
-
-/// The static sandboxd the sandboxes run: `$HUTCH_SANDBOXD`, or built once by cargo.
-pub fn sandboxd_path() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("HUTCH_SANDBOXD") {
-            return path.into();
-        }
-        build_sandboxd().expect("build a static sandboxd")
-    })
-    .clone()
-}
-
-/// Builds sandboxd statically linked (it runs inside images without our libc)
-/// into its own target dir, so the nested cargo never waits on the outer one's lock.
-fn build_sandboxd() -> anyhow::Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"))
-        .join("sandboxd-static");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&workspace)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_TARGET_DIR", &target)
-        .args(["build", "-p", "hutch-sandboxd", "--target", "x86_64-unknown-linux-gnu"])
-        .status()
-        .context("run cargo")?;
-    if !status.success() {
-        bail!("building sandboxd failed: {status}");
-    }
-    Ok(target.join("x86_64-unknown-linux-gnu/debug/sandboxd"))
-}
 
 /// What the test server saw and what it sends.
 #[derive(Default)]
@@ -369,9 +332,10 @@ impl TestNode {
             network_bridge: None,
             network_subnet: None,
             network_table: None,
-            sandboxd_path: sandboxd_path(),
+            sandboxd_path: hutch_testkit::sandboxd_path(),
             cgroup_parent: Some(format!("hutch-dptest-{name}-{}", std::process::id())),
             insecure_registries: Vec::new(),
+            registries: Default::default(),
             report_interval: Duration::from_secs(2),
         };
         let mut config = config;
@@ -466,14 +430,10 @@ impl Drop for TestNode {
 
 /// Kills everything in a cgroup and removes it, polling until the kernel lets go.
 fn remove_cgroup(cgroup: &SandboxCgroup) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
+    hutch_testkit::wait_until(Duration::from_secs(10), || {
         let _ = cgroup.kill_all();
-        if cgroup.remove().is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        cgroup.remove().is_ok()
+    });
 }
 
 /// One HTTP/1.1 request to `addr`; returns the status and the body.
@@ -520,24 +480,6 @@ pub async fn request_full(
         .collect();
     let bytes = response.into_body().collect().await?.to_bytes();
     Ok((status, headers, String::from_utf8_lossy(&bytes).into_owned()))
-}
-
-/// Polls `check` until it returns true or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// One HTTP/2 request with prior knowledge (h2c) to `addr`.

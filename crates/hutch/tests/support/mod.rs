@@ -2,41 +2,12 @@
 //! commands that only talk to a sandbox's daemon (`--daemon-url`).
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 /// How long one `hutch` invocation may take before the test fails.
 const HUTCH_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The sandboxd binary: `HUTCH_SANDBOXD` (what scripts/test builds), else a
-/// static dev build made once into a target dir of its own, so that the
-/// nested cargo never waits on the outer one's lock.
-pub fn sandboxd_path() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("HUTCH_SANDBOXD") {
-            return path.into();
-        }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"))
-            .join("sandboxd-static");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&workspace)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .env("CARGO_TARGET_DIR", &target)
-            .args(["build", "-p", "hutch-sandboxd", "--target", "x86_64-unknown-linux-gnu"])
-            .status()
-            .expect("run cargo to build sandboxd");
-        assert!(status.success(), "building sandboxd failed: {status}");
-        target.join("x86_64-unknown-linux-gnu/debug/sandboxd")
-    })
-    .clone()
-}
 
 /// A sandboxd process, killed when dropped.
 pub struct Sandboxd {
@@ -46,22 +17,10 @@ pub struct Sandboxd {
 
 impl Sandboxd {
     pub fn start() -> Sandboxd {
-        let mut child = Command::new(sandboxd_path())
-            .args(["--listen", "tcp:127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sandboxd");
-        let stdout = child.stdout.take().expect("sandboxd stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line =
-                lines.next().expect("sandboxd exited before listening").expect("read stdout");
-            if let Some(addr) = line.trim().strip_prefix("sandboxd listening on tcp:") {
-                break addr.to_owned();
-            }
-        };
-        Sandboxd { child, base: format!("http://{addr}") }
+        let mut command = Command::new(hutch_testkit::sandboxd_path());
+        command.args(["--listen", "tcp:127.0.0.1:0"]);
+        let (child, base) = hutch_testkit::spawn_listening(command);
+        Sandboxd { child, base }
     }
 
     /// `hutch` pointed at this sandboxd.
@@ -201,16 +160,4 @@ pub async fn finish(child: tokio::process::Child) -> Output {
         stdout: output.stdout,
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
-}
-
-/// Polls `check` until it returns true or `timeout` passes.
-pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
 }

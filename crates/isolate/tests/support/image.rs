@@ -1,109 +1,15 @@
-//! A busybox OCI image built from busybox-static's /bin/busybox, written as an OCI
-//! image-layout tarball and imported into an image store.
+//! The busybox test image (hutch-testkit's) imported into an image store.
 
 use std::path::Path;
 
-use anyhow::Context;
 use hutch_image::{Image, ImageStore};
-use serde_json::json;
 
-const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: [&str; 10] =
-    ["sh", "echo", "id", "pwd", "sleep", "cat", "ls", "test", "touch", "env"];
-
-fn sha256(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
-}
-
-fn append(
-    builder: &mut tar::Builder<Vec<u8>>,
-    path: &str,
-    kind: tar::EntryType,
-    mode: u32,
-    data: &[u8],
-) {
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(kind);
-    header.set_mode(mode);
-    header.set_size(data.len() as u64);
-    header.set_mtime(1_700_000_000);
-    builder.append_data(&mut header, path, data).expect("append to tar");
-}
-
-/// A busybox root filesystem: /bin/busybox, applet symlinks, /etc/passwd, /tmp. No
-/// /usr and no /work, so the sandbox must not see the host's and must create the
-/// working directory.
-pub fn busybox_layer() -> anyhow::Result<Vec<u8>> {
-    let busybox = std::fs::read(BUSYBOX).context("busybox-static is installed")?;
-    let mut tar = tar::Builder::new(Vec::new());
-    append(&mut tar, "bin/", tar::EntryType::Directory, 0o755, b"");
-    append(&mut tar, "bin/busybox", tar::EntryType::Regular, 0o755, &busybox);
-    for applet in APPLETS {
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Symlink);
-        header.set_mode(0o777);
-        header.set_size(0);
-        tar.append_link(&mut header, format!("bin/{applet}"), "busybox")?;
-    }
-    append(&mut tar, "etc/", tar::EntryType::Directory, 0o755, b"");
-    let passwd = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/work:/bin/sh\n";
-    append(&mut tar, "etc/passwd", tar::EntryType::Regular, 0o644, passwd);
-    append(&mut tar, "etc/group", tar::EntryType::Regular, 0o644, b"root:x:0:\napp:x:1000:\n");
-    append(&mut tar, "tmp/", tar::EntryType::Directory, 0o1777, b"");
-    Ok(tar.into_inner()?)
-}
-
-/// An image config (JSON) of the one uncompressed layer `layer`, with `config` as its
-/// `config` section (Env, Cmd, WorkingDir, ...).
-pub fn image_config(layer: &[u8], config: serde_json::Value) -> anyhow::Result<Vec<u8>> {
-    Ok(serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": config,
-        "rootfs": { "type": "layers", "diff_ids": [sha256(layer)] },
-    }))?)
-}
-
-/// An OCI image-layout tarball of one image, `{name}`, with the busybox layer and the
-/// given `config` section of its image config.
-fn oci_layout(name: &str, config: serde_json::Value) -> anyhow::Result<Vec<u8>> {
-    let layer = busybox_layer()?;
-    let image_config = image_config(&layer, config)?;
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": sha256(&image_config), "size": image_config.len() },
-        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                     "digest": sha256(&layer), "size": layer.len() }],
-    }))?;
-    let index = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "manifests": [{ "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        "digest": sha256(&manifest), "size": manifest.len(),
-                        "annotations": { "io.containerd.image.name": name } }],
-    }))?;
-    let mut tar = tar::Builder::new(Vec::new());
-    append(
-        &mut tar,
-        "oci-layout",
-        tar::EntryType::Regular,
-        0o644,
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    );
-    append(&mut tar, "index.json", tar::EntryType::Regular, 0o644, &index);
-    for blob in [&manifest, &image_config, &layer] {
-        let path = format!("blobs/sha256/{}", sha256(blob).trim_start_matches("sha256:"));
-        append(&mut tar, &path, tar::EntryType::Regular, 0o644, blob);
-    }
-    Ok(tar.into_inner()?)
-}
-
-/// Imports an image built with `config` into a store under `dir`.
+/// Imports the busybox image with `config` as its image config's `config`
+/// section, written as an OCI image-layout tarball named `name`, into a store
+/// under `dir`.
 pub async fn import(dir: &Path, name: &str, config: serde_json::Value) -> anyhow::Result<Image> {
     let tarball = dir.join("image.tar");
-    std::fs::write(&tarball, oci_layout(name, config)?)?;
+    std::fs::write(&tarball, hutch_testkit::oci_layout(name, config)?)?;
     let store = ImageStore::open(dir.join("images"))?;
     let mut images = store.import(&tarball).await?;
     anyhow::ensure!(images.len() == 1, "imported {} images", images.len());

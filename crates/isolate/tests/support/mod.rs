@@ -1,61 +1,14 @@
 //! Shared fixtures of the privileged tests: a driver in a temp dir with its own cgroup
-//! parent, a static sandboxd, and an HTTP/1.1 client over sandboxd's unix socket.
+//! parent (running hutch-testkit's static sandboxd), and sandboxd's `POST /exec`.
 #![allow(dead_code)]
 
 pub mod image;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use anyhow::bail;
 use hutch_isolate::{Driver, DriverConfig, SandboxCgroup, SandboxId, SandboxSpec};
-use hyper_util::rt::TokioIo;
-
-/// The static sandboxd the sandboxes run: `$HUTCH_SANDBOXD`, or built once by cargo.
-pub fn sandboxd_path() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("HUTCH_SANDBOXD") {
-            return path.into();
-        }
-        build_sandboxd("dev").expect("build a static sandboxd")
-    })
-    .clone()
-}
-
-/// Builds sandboxd statically linked (it runs inside images without our libc) into
-/// its own target dir, so the nested cargo never waits on the outer one's lock.
-pub fn build_sandboxd(profile: &str) -> anyhow::Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"))
-        .join("sandboxd-static");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&workspace)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_TARGET_DIR", &target)
-        .args([
-            "build",
-            "-p",
-            "hutch-sandboxd",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--profile",
-            profile,
-        ])
-        .status()
-        .context("run cargo")?;
-    if !status.success() {
-        bail!("building sandboxd failed: {status}");
-    }
-    let dir = if profile == "dev" { "debug" } else { profile };
-    Ok(target.join("x86_64-unknown-linux-gnu").join(dir).join("sandboxd"))
-}
 
 /// A driver rooted in a temp dir, with a cgroup parent of its own. Dropping it kills
 /// and removes whatever sandboxes the test left, even when the test failed.
@@ -111,7 +64,7 @@ fn config(dir: &Path, cgroup_parent: &str) -> DriverConfig {
     DriverConfig {
         state_dir: dir.join("state"),
         run_dir: dir.join("run"),
-        sandboxd_path: sandboxd_path(),
+        sandboxd_path: hutch_testkit::sandboxd_path(),
         cgroup_parent: Some(cgroup_parent.to_owned()),
     }
 }
@@ -139,14 +92,10 @@ impl Drop for TestEnv {
 
 /// Kills everything in a cgroup and removes it, polling until the kernel lets go.
 pub fn remove_cgroup(cgroup: &SandboxCgroup) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
+    hutch_testkit::wait_until(Duration::from_secs(10), || {
         let _ = cgroup.kill_all();
-        if cgroup.remove().is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        cgroup.remove().is_ok()
+    });
 }
 
 /// The parts of sandboxd's `POST /exec` answer the tests look at.
@@ -167,7 +116,8 @@ impl Exec {
 /// `POST /exec` over sandboxd's unix socket.
 pub async fn exec(socket: &Path, command: &str, args: &[&str]) -> anyhow::Result<Exec> {
     let body = serde_json::json!({ "command": command, "args": args, "timeout_ms": 60_000 });
-    let (status, body) = request(socket, "POST", "/exec", Some(body.to_string())).await?;
+    let (status, body) =
+        hutch_testkit::sandboxd_request(socket, "POST", "/exec", Some(body.to_string())).await?;
     if status != 200 {
         bail!("exec {command} {args:?}: HTTP {status}: {body}");
     }
@@ -181,41 +131,32 @@ pub async fn exec(socket: &Path, command: &str, args: &[&str]) -> anyhow::Result
     })
 }
 
-/// One HTTP/1.1 request over a unix socket; returns the status and the body.
-pub async fn request(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<String>,
-) -> anyhow::Result<(u16, String)> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("connect {}", socket.display()))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "sandboxd")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-    let response = sender.send_request(request).await?;
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+/// Everything on the host that could name a sandbox: state and run entries, cgroups,
+/// and mounts (in our own mount namespace).
+#[derive(Debug, PartialEq, Eq)]
+pub struct HostArtefacts {
+    pub state_entries: Vec<String>,
+    pub run_entries: Vec<String>,
+    pub cgroups: Vec<String>,
+    pub mounts_mentioning_dir: usize,
+    pub mount_count: usize,
 }
 
-/// Polls `check` until it returns true or `timeout` passes.
-pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+pub fn artefacts(env: &TestEnv) -> HostArtefacts {
+    let list = |dir: PathBuf| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dir = env.dir.path().to_string_lossy().into_owned();
+    HostArtefacts {
+        state_entries: list(env.dir.path().join("state")),
+        run_entries: list(env.dir.path().join("run")),
+        cgroups: env.driver.cgroup_layout().existing_ids(),
+        mounts_mentioning_dir: mountinfo.lines().filter(|l| l.contains(&dir)).count(),
+        mount_count: mountinfo.lines().count(),
     }
 }

@@ -1,8 +1,8 @@
-//! Test fixtures: private network namespaces, an "outside" network, TCP probes.
+//! Test fixtures: network namespaces, an "outside" network, TCP probes.
 //!
-//! Every privileged test re-executes the test binary for itself under
-//! `unshare --net`, so the bridge, the nft tables, the veths and the sysctl
-//! writes live in a network namespace that disappears with the child process;
+//! Every privileged test runs in hutch-testkit's `in_private_netns`, which
+//! re-executes the test binary for itself under `unshare --net`, so the
+//! bridge, the nft tables, the veths and the sysctl writes live in a network namespace that disappears with the child process;
 //! the host's network is never touched. Sandboxes and the outside world are
 //! further namespaces created by the child, held open by file descriptors.
 
@@ -10,7 +10,6 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -25,7 +24,7 @@ use nix::sched::CloneFlags;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-const INNER_ENV: &str = "HUTCH_NET_TEST_INNER";
+pub use hutch_testkit::in_private_netns;
 
 /// The test host's address towards the outside network.
 pub const HOST_UPLINK: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -33,47 +32,6 @@ pub const HOST_UPLINK: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// The cloud metadata address, served from the outside namespace.
 pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
-
-/// Runs `body` for the test `test_name` inside a fresh network namespace.
-///
-/// In the outer process this re-executes the test binary under `unshare --net`
-/// for exactly this test and checks that it ran and passed there.
-pub fn in_private_netns<F, Fut>(test_name: &str, body: F)
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<()>>,
-{
-    if std::env::var(INNER_ENV).as_deref() == Ok(test_name) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        runtime
-            .block_on(async {
-                loopback_up(None).await?;
-                body().await
-            })
-            .unwrap_or_else(|error| panic!("{error:?}"));
-        return;
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let output = Command::new("unshare")
-        .arg("--net")
-        .arg("--")
-        .arg(exe)
-        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(INNER_ENV, test_name)
-        .output()
-        .expect("run unshare (util-linux)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains(&format!("test {test_name} ... ok")),
-        "test in a private network namespace failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-}
 
 /// A network namespace held open by a file descriptor.
 #[derive(Debug)]
@@ -154,13 +112,6 @@ async fn index_of(handle: &rtnetlink::Handle, name: &str) -> Result<u32> {
 async fn set_up(handle: &rtnetlink::Handle, index: u32) -> Result<()> {
     handle.link().change(LinkUnspec::new_with_index(index).up().build()).execute().await?;
     Ok(())
-}
-
-/// Brings loopback up in the current thread's namespace.
-async fn loopback_up(_: Option<()>) -> Result<()> {
-    let handle = handle().await?;
-    let lo = index_of(&handle, "lo").await?;
-    set_up(&handle, lo).await
 }
 
 /// Links of the current thread's namespace: (name, is up).
@@ -317,24 +268,55 @@ pub fn probe_from(netns: &Netns, source: Ipv4Addr, address: SocketAddr) -> Resul
     })
 }
 
-/// Comments of all nft rules in the current namespace that mention a sandbox.
-pub fn sandbox_rule_comments() -> Result<Vec<String>> {
+/// The current namespace's whole ruleset, as `nft -j` lists it.
+fn nft_ruleset() -> Result<serde_json::Value> {
     let output = Command::new("nft").args(["-j", "list", "ruleset"]).output()?;
     if !output.status.success() {
         bail!("nft list ruleset: {}", String::from_utf8_lossy(&output.stderr));
     }
-    let listing: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    Ok(listing["nftables"]
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// Comments of all nft rules and set elements in the current namespace that
+/// name a sandbox: what the manager keeps per sandbox.
+pub fn sandbox_nft_comments() -> Result<Vec<String>> {
+    Ok(nft_ruleset()?["nftables"]
         .as_array()
         .map(|objects| {
             objects
                 .iter()
-                .filter_map(|o| o.get("rule")?.get("comment")?.as_str())
+                .flat_map(|o| {
+                    let rule = o.get("rule").and_then(|rule| rule.get("comment"));
+                    let elements = o
+                        .get("set")
+                        .and_then(|set| set.get("elem")?.as_array())
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|element| element.get("elem")?.get("comment"));
+                    rule.into_iter().chain(elements).filter_map(|c| c.as_str())
+                })
                 .filter(|c| c.starts_with("hutch:"))
                 .map(str::to_owned)
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// Number of nft rules in the current namespace.
+pub fn nft_rule_count() -> Result<usize> {
+    Ok(nft_ruleset()?["nftables"]
+        .as_array()
+        .map(|objects| objects.iter().filter(|o| o.get("rule").is_some()).count())
+        .unwrap_or_default())
+}
+
+/// Runs `nft` with `args`, failing unless it succeeds.
+pub fn nft(args: &[&str]) -> Result<()> {
+    let output = Command::new("nft").args(args).output()?;
+    if !output.status.success() {
+        bail!("nft {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
 }
 
 /// Tables in the current namespace, as `family name`.

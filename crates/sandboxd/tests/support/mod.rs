@@ -1,8 +1,7 @@
 //! Runs sandboxd as a real process on 127.0.0.1:0 and talks to it.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -26,22 +25,9 @@ impl Sandboxd {
 
     /// Starts sandboxd through `command`, which must print sandboxd's
     /// "listening on" line on stdout.
-    pub fn spawn(mut command: Command) -> Sandboxd {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sandboxd");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line =
-                lines.next().expect("sandboxd exited before listening").expect("read stdout");
-            if let Some(addr) = line.trim().strip_prefix("sandboxd listening on tcp:") {
-                break addr.to_owned();
-            }
-        };
-        Sandboxd { child, base: format!("http://{addr}"), client: reqwest::Client::new() }
+    pub fn spawn(command: Command) -> Sandboxd {
+        let (child, base) = hutch_testkit::spawn_listening(command);
+        Sandboxd { child, base, client: reqwest::Client::new() }
     }
 
     pub fn pid(&self) -> u32 {

@@ -27,6 +27,10 @@ pub enum ApiError {
     NamespaceNotFound(String),
     #[error("key {0} not found")]
     KeyNotFound(String),
+    #[error("node {0} not found")]
+    NodeNotFound(String),
+    #[error("namespace {0} is reserved: it always exists and cannot be deleted")]
+    NamespaceReserved(String),
     #[error("{0}")]
     InvalidJson(String),
     #[error("invalid field {0}")]
@@ -61,7 +65,8 @@ impl ApiError {
             ApiError::NotFound(_)
             | ApiError::SandboxNotFound(_)
             | ApiError::NamespaceNotFound(_)
-            | ApiError::KeyNotFound(_) => StatusCode::NOT_FOUND,
+            | ApiError::KeyNotFound(_)
+            | ApiError::NodeNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::InvalidJson(_) | ApiError::InvalidField(_) | ApiError::BadRequest(_) => {
                 StatusCode::BAD_REQUEST
@@ -70,6 +75,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::IdempotencyConflict(_)
             | ApiError::AlreadyExists(_)
+            | ApiError::NamespaceReserved(_)
             | ApiError::SandboxNotRunning { .. } => StatusCode::CONFLICT,
             ApiError::SandboxUnreachable(_) => StatusCode::BAD_GATEWAY,
             ApiError::NoNodes | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -81,7 +87,9 @@ impl ApiError {
         match self {
             ApiError::Unauthenticated => "unauthenticated",
             ApiError::Forbidden => "forbidden",
-            ApiError::NotFound(_) | ApiError::KeyNotFound(_) => "not_found",
+            ApiError::NotFound(_) | ApiError::KeyNotFound(_) | ApiError::NodeNotFound(_) => {
+                "not_found"
+            }
             ApiError::SandboxNotFound(_) => "sandbox_not_found",
             ApiError::NamespaceNotFound(_) => "namespace_not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
@@ -92,6 +100,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::IdempotencyConflict(_) => "idempotency_conflict",
             ApiError::AlreadyExists(_) => "already_exists",
+            ApiError::NamespaceReserved(_) => "namespace_reserved",
             ApiError::SandboxNotRunning { .. } => "sandbox_not_running",
             ApiError::SandboxUnreachable(_) => "sandbox_unreachable",
             ApiError::NoNodes => "no_nodes",
@@ -106,6 +115,7 @@ impl From<ControlError> for ApiError {
         match error {
             ControlError::NamespaceNotFound(ns) => ApiError::NamespaceNotFound(ns),
             ControlError::NamespaceExists(ns) => ApiError::AlreadyExists(format!("namespace {ns}")),
+            ControlError::NamespaceReserved(ns) => ApiError::NamespaceReserved(ns),
             ControlError::SandboxNotFound(id) => ApiError::SandboxNotFound(id),
             ControlError::KeyNotFound(id) => ApiError::KeyNotFound(id),
             ControlError::IdempotencyConflict(key) => ApiError::IdempotencyConflict(key),

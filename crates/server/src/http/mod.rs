@@ -6,6 +6,7 @@
 mod daemon;
 mod error;
 mod images;
+mod nodes;
 mod sandboxes;
 
 use std::collections::BTreeMap;
@@ -151,6 +152,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/v1/namespaces", get(list_namespaces).post(create_namespace))
+        .route("/v1/namespaces/{ns}", delete(delete_namespace))
         .route("/v1/namespaces/{ns}/keys", post(create_key))
         .route("/v1/namespaces/{ns}/keys/{id}", delete(delete_key))
         .route("/v1/namespaces/{ns}/sandboxes", get(sandboxes::list).post(sandboxes::create))
@@ -159,6 +161,8 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{sandbox}/timeout"), post(sandboxes::set_timeout))
         .route(&format!("{sandbox}/events"), get(sandboxes::events))
         .route(&format!("{sandbox}/daemon/{{*path}}"), any(daemon::forward))
+        .route("/v1/nodes", get(nodes::list))
+        .route("/v1/nodes/{id}", get(nodes::get))
         .route("/v1/images", get(images::list))
         .route("/v1/images/pull", post(images::pull))
         .route("/v1/images/import", post(images::import))
@@ -244,6 +248,19 @@ async fn create_namespace(
     let namespace =
         state.controller.call(|reply| Command::CreateNamespace { name, reply }).await??;
     Ok((StatusCode::CREATED, Json(namespace)).into_response())
+}
+
+/// Stops and forgets every sandbox of the namespace and revokes its keys;
+/// 202 because the sandboxes stop after the answer.
+async fn delete_namespace(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    PathParams(name): PathParams<String>,
+) -> Result<Response, ApiError> {
+    principal.require_admin()?;
+    let namespace =
+        state.controller.call(|reply| Command::DeleteNamespace { name, reply }).await??;
+    Ok((StatusCode::ACCEPTED, Json(namespace)).into_response())
 }
 
 async fn create_key(

@@ -105,7 +105,8 @@ pub enum StoreError {
 }
 
 /// The server's durable state. Every write is an upsert or a delete of one
-/// record, so the controller can write each change through on its own.
+/// record, so the controller can write each change through on its own;
+/// deleting a namespace, which touches many, is the one transaction.
 pub trait Store: Send + Sync + 'static {
     fn load(&self) -> impl Future<Output = Result<StoredState, StoreError>> + Send;
     fn put_namespace(
@@ -120,6 +121,14 @@ pub trait Store: Send + Sync + 'static {
     fn put_sandbox(
         &self,
         sandbox: &SandboxRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Deletes a namespace with its API keys and idempotency keys, and
+    /// writes `sandboxes` (its sandboxes, marked deleted), all at once: a
+    /// crash leaves either the namespace whole or all of it gone.
+    fn delete_namespace(
+        &self,
+        name: &str,
+        sandboxes: &[SandboxRecord],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn put_idempotency_key(
         &self,

@@ -111,6 +111,51 @@ fn sandbox_from_row(row: &SqliteRow) -> Result<SandboxRecord, StoreError> {
     })
 }
 
+/// Upserts one sandbox row, in the pool or inside a transaction.
+async fn put_sandbox<'e, E>(executor: E, sandbox: &SandboxRecord) -> Result<(), StoreError>
+where
+    E: sqlx::SqliteExecutor<'e>,
+{
+    let spec = serde_json::to_string(&sandbox.spec).map_err(|source| StoreError::Json {
+        what: "spec",
+        id: sandbox.id.clone(),
+        source,
+    })?;
+    let tags = serde_json::to_string(&sandbox.tags).map_err(|source| StoreError::Json {
+        what: "tags",
+        id: sandbox.id.clone(),
+        source,
+    })?;
+    sqlx::query(
+        "INSERT OR REPLACE INTO sandboxes (id, seq, namespace, state, reason, exit_code, node, \
+         spec, tags, created_at, started_at, finished_at, deadline, idle_timeout_secs, \
+         stop_reason, stop_grace_secs, deleted, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&sandbox.id)
+    .bind(sandbox.seq)
+    .bind(&sandbox.namespace)
+    .bind(sandbox.state.as_str())
+    .bind(&sandbox.reason)
+    .bind(sandbox.exit_code)
+    .bind(&sandbox.node)
+    .bind(spec)
+    .bind(tags)
+    .bind(sandbox.created_at_ms)
+    .bind(sandbox.started_at_ms)
+    .bind(sandbox.finished_at_ms)
+    .bind(sandbox.deadline_ms)
+    .bind(sandbox.idle_timeout_secs.and_then(|secs| i64::try_from(secs).ok()))
+    .bind(sandbox.stop.as_ref().map(|stop| stop.reason.clone()))
+    .bind(sandbox.stop.as_ref().map(|stop| i64::from(stop.grace_secs)))
+    .bind(i64::from(sandbox.deleted))
+    .bind(now_ms())
+    .execute(executor)
+    .await
+    .map_err(query_error("put sandbox"))?;
+    Ok(())
+}
+
 impl Store for SqliteStore {
     async fn close(&self) {
         self.pool.close().await;
@@ -217,43 +262,30 @@ impl Store for SqliteStore {
     }
 
     async fn put_sandbox(&self, sandbox: &SandboxRecord) -> Result<(), StoreError> {
-        let spec = serde_json::to_string(&sandbox.spec).map_err(|source| StoreError::Json {
-            what: "spec",
-            id: sandbox.id.clone(),
-            source,
-        })?;
-        let tags = serde_json::to_string(&sandbox.tags).map_err(|source| StoreError::Json {
-            what: "tags",
-            id: sandbox.id.clone(),
-            source,
-        })?;
-        sqlx::query(
-            "INSERT OR REPLACE INTO sandboxes (id, seq, namespace, state, reason, exit_code, node, \
-             spec, tags, created_at, started_at, finished_at, deadline, idle_timeout_secs, \
-             stop_reason, stop_grace_secs, deleted, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&sandbox.id)
-        .bind(sandbox.seq)
-        .bind(&sandbox.namespace)
-        .bind(sandbox.state.as_str())
-        .bind(&sandbox.reason)
-        .bind(sandbox.exit_code)
-        .bind(&sandbox.node)
-        .bind(spec)
-        .bind(tags)
-        .bind(sandbox.created_at_ms)
-        .bind(sandbox.started_at_ms)
-        .bind(sandbox.finished_at_ms)
-        .bind(sandbox.deadline_ms)
-        .bind(sandbox.idle_timeout_secs.and_then(|secs| i64::try_from(secs).ok()))
-        .bind(sandbox.stop.as_ref().map(|stop| stop.reason.clone()))
-        .bind(sandbox.stop.as_ref().map(|stop| i64::from(stop.grace_secs)))
-        .bind(i64::from(sandbox.deleted))
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(query_error("put sandbox"))?;
+        put_sandbox(&self.pool, sandbox).await
+    }
+
+    async fn delete_namespace(
+        &self,
+        name: &str,
+        sandboxes: &[SandboxRecord],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(query_error("begin namespace delete"))?;
+        for sandbox in sandboxes {
+            put_sandbox(&mut *tx, sandbox).await?;
+        }
+        // Keys first: they reference the namespace.
+        for (what, sql) in [
+            ("delete the namespace's api keys", "DELETE FROM api_keys WHERE namespace = ?"),
+            (
+                "delete the namespace's idempotency keys",
+                "DELETE FROM idempotency_keys WHERE namespace = ?",
+            ),
+            ("delete namespace", "DELETE FROM namespaces WHERE name = ?"),
+        ] {
+            sqlx::query(sql).bind(name).execute(&mut *tx).await.map_err(query_error(what))?;
+        }
+        tx.commit().await.map_err(query_error("commit namespace delete"))?;
         Ok(())
     }
 

@@ -363,6 +363,22 @@ pub fn exited(id: &str, code: i32) -> ObservedSandbox {
     ObservedSandbox { exit_code: Some(code), ..observed(id, ObservedPhase::ObservedExited) }
 }
 
+/// The status, code and message of an error answer.
+pub async fn error_of(response: reqwest::Response) -> Result<(u16, String, String)> {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await?;
+    Ok((
+        status,
+        body["error"]["code"].as_str().unwrap_or_default().to_owned(),
+        body["error"]["message"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+/// Whether the desired state names sandbox `id` (in any phase).
+pub fn desires(state: &DesiredState, id: &str) -> bool {
+    state.sandboxes.iter().any(|s| s.spec.as_ref().is_some_and(|spec| spec.id == id))
+}
+
 pub fn id_of(sandbox: &Value) -> String {
     sandbox["id"].as_str().unwrap_or_default().to_owned()
 }

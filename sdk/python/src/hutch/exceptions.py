@@ -87,7 +87,7 @@ class SandboxNotRunningError(SandboxError):
 
 
 class SandboxTerminatedError(SandboxNotRunningError):
-    """The sandbox was stopped: ``stopped``, ``deleted``, ``timeout`` or ``idle_timeout``."""
+    """The sandbox was stopped: ``stopped``, ``deleted``, ``timeout``, ``idle_timeout`` or ``namespace_deleted``."""
 
 
 class SandboxFailedError(SandboxNotRunningError):
