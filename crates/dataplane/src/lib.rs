@@ -57,6 +57,8 @@ pub enum OpenDataplaneError {
     Adopt(#[from] hutch_isolate::AdoptError),
     #[error("sweep leftovers of dead sandboxes")]
     Sweep(#[from] hutch_isolate::SweepError),
+    #[error("start the network namespace pool")]
+    NetnsPool(#[source] std::io::Error),
     #[error("sandbox records")]
     Records(#[from] RecordError),
     #[error("destroy orphaned sandbox {id}")]
@@ -81,7 +83,7 @@ impl Dataplane {
     /// Prepares the driver (cgroups beneath our own, named after the node),
     /// networking when enabled, the image store in `<data_dir>/images`; adopts
     /// sandboxes still running from a previous run, sweeps what dead ones left,
-    /// and loads the sandbox records from `<data_dir>/sandboxes/`.
+    /// and loads the sandbox records from `<data_dir>/sandboxes.log`.
     pub async fn open(config: DataplaneConfig) -> Result<Self, OpenDataplaneError> {
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
@@ -103,7 +105,9 @@ impl Dataplane {
             run_dir: run_dir.clone(),
             sandboxd_path: config.sandboxd_path.clone(),
             cgroup_parent: Some(config.cgroup_parent()),
-        })?;
+        })?
+        .with_netns_pool(config.netns_pool)
+        .map_err(OpenDataplaneError::NetnsPool)?;
         if config.network {
             let network = hutch_net::NetManager::new(config.net_config()?).await?;
             driver = driver.with_network(Arc::new(network));
@@ -117,8 +121,7 @@ impl Dataplane {
             "dataplane opened"
         );
 
-        let records = record::Records::open(data_dir.join("sandboxes"))?;
-        let loaded = records.load()?;
+        let (records, loaded) = record::Records::open(&data_dir)?;
         // Sandboxes without a record were never promised to anyone: a crash
         // between the driver's create and our record cannot happen (the record
         // is written first), so these are foreign to this node's table.

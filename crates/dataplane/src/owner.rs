@@ -84,16 +84,6 @@ pub(crate) struct SandboxView {
     pub reachable: bool,
 }
 
-impl PartialEq for SandboxView {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-            && self.ports == other.ports
-            && self.observed == other.observed
-            && self.reachable == other.reachable
-            && Arc::ptr_eq(&self.activity, &other.activity)
-    }
-}
-
 /// The published table.
 pub(crate) type Snapshot = Arc<BTreeMap<String, SandboxView>>;
 
@@ -136,17 +126,31 @@ impl Entry {
     }
 
     fn view(&self) -> SandboxView {
-        let phase = self.record.observed.phase;
         SandboxView {
             id: self.record.spec.id.clone(),
             ports: self.record.spec.ports.clone(),
             observed: self.record.observed.clone(),
             activity: self.activity.clone(),
-            reachable: self.exists
-                && !self.dead
-                && self.busy != Busy::Destroying
-                && matches!(phase, Phase::Running | Phase::Exited),
+            reachable: self.reachable(),
         }
+    }
+
+    /// Whether [`Entry::view`] would equal `view`.
+    fn shows_as(&self, view: &SandboxView) -> bool {
+        view.id == self.record.spec.id
+            && view.ports == self.record.spec.ports
+            && view.observed == self.record.observed
+            && view.reachable == self.reachable()
+            && Arc::ptr_eq(&view.activity, &self.activity)
+    }
+
+    /// sandboxd is up, so the sandbox can be proxied to.
+    fn reachable(&self) -> bool {
+        let phase = self.record.observed.phase;
+        self.exists
+            && !self.dead
+            && self.busy != Busy::Destroying
+            && matches!(phase, Phase::Running | Phase::Exited)
     }
 
     fn stop_watcher(&mut self) {
@@ -195,7 +199,8 @@ struct Desired {
 pub(crate) struct Owner {
     node: Arc<Node>,
     entries: BTreeMap<SandboxId, Entry>,
-    desired: Option<BTreeMap<String, Desired>>,
+    /// Shared so that a reconcile pass can walk it while it changes the table.
+    desired: Option<Arc<BTreeMap<String, Desired>>>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     tasks: JoinSet<()>,
@@ -307,24 +312,23 @@ impl Owner {
                 },
             );
         }
-        self.desired = Some(desired);
+        self.desired = Some(Arc::new(desired));
     }
 
     /// Starts what closes the gap between the desired state and the table.
     fn reconcile(&mut self) {
-        let Some(desired) = &self.desired else {
+        let Some(desired) = self.desired.clone() else {
             // Until the server has spoken, keep everything as it is.
             return;
         };
-        let desired = desired.clone();
-        for (raw_id, want) in &desired {
+        for (raw_id, want) in desired.iter() {
+            if self.entries.contains_key(raw_id.as_str()) {
+                continue;
+            }
             let Ok(id) = SandboxId::new(raw_id.clone()) else {
                 tracing::warn!(id = %raw_id, "ignoring a desired sandbox with an invalid id");
                 continue;
             };
-            if self.entries.contains_key(&id) {
-                continue;
-            }
             let entry = self.new_entry(&id, want);
             let _ = self.node.records.save(&entry.record);
             self.entries.insert(id, entry);
@@ -577,21 +581,26 @@ impl Owner {
     }
 
     fn publish(&self) {
-        let views: BTreeMap<String, SandboxView> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| {
+        let visible = || {
+            self.entries.iter().filter(|(_, e)| {
                 e.busy != Busy::Destroying && !(e.exists && self.is_absent(&e.record.spec.id))
             })
-            .map(|(id, e)| (id.to_string(), e.view()))
-            .collect();
-        self.snapshot.send_if_modified(|current| {
-            if **current == views {
-                return false;
-            }
-            *current = Arc::new(views);
-            true
-        });
+        };
+        // Most passes change nothing the snapshot shows: find that out without
+        // building a new table, which allocates for every sandbox.
+        let unchanged = {
+            let current = self.snapshot.borrow();
+            let mut shown = current.iter();
+            visible().all(|(id, entry)| {
+                shown.next().is_some_and(|(key, view)| key == id.as_str() && entry.shows_as(view))
+            }) && shown.next().is_none()
+        };
+        if unchanged {
+            return;
+        }
+        let views: BTreeMap<String, SandboxView> =
+            visible().map(|(id, e)| (id.to_string(), e.view())).collect();
+        self.snapshot.send_replace(Arc::new(views));
     }
 
     /// Whether the server dropped this sandbox (so it is being forgotten).

@@ -122,15 +122,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     override_capacity(&mut config, args.cpus, args.memory, args.disk);
     // Registry settings come from the environment, as for `hutch dataplane`: a
-    // password does not belong on a command line that `ps` shows.
-    let registries = DataplaneConfig::from_yaml_and_env(
+    // password does not belong on a command line that `ps` shows. So does the
+    // size of the network namespace pool, an operator's tuning knob.
+    const FROM_ENV: [&str; 3] =
+        ["HUTCH_REGISTRIES", "HUTCH_INSECURE_REGISTRIES", "HUTCH_NETNS_POOL"];
+    let from_env = DataplaneConfig::from_yaml_and_env(
         None,
-        std::env::vars()
-            .filter(|(key, _)| key == "HUTCH_REGISTRIES" || key == "HUTCH_INSECURE_REGISTRIES"),
+        std::env::vars().filter(|(key, _)| FROM_ENV.contains(&key.as_str())),
     )
-    .context("invalid HUTCH_REGISTRIES or HUTCH_INSECURE_REGISTRIES")?;
-    config.registries = registries.registries;
-    config.insecure_registries = registries.insecure_registries;
+    .context("invalid HUTCH_REGISTRIES, HUTCH_INSECURE_REGISTRIES or HUTCH_NETNS_POOL")?;
+    config.registries = from_env.registries;
+    config.insecure_registries = from_env.insecure_registries;
+    config.netns_pool = from_env.netns_pool;
     let dataplane = Dataplane::open(config).await.context("cannot start the dataplane")?;
 
     let admin_key = data_dir.join("admin.key");

@@ -78,10 +78,8 @@ impl Drop for Cluster {
         let deadline = Instant::now() + DEADLINE;
         for n in 0..self.nodes.len() {
             // Sandboxes the server forgot are destroyed by the node on its own.
-            let sandboxes = self.node_dir(n).join("sandboxes");
-            while std::fs::read_dir(&sandboxes).map(|d| d.count()).unwrap_or(0) > 0
-                && Instant::now() < deadline
-            {
+            let journal = self.node_dir(n).join("sandboxes.log");
+            while live_records(&journal) > 0 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -129,4 +127,20 @@ fn placement_uses_both_nodes_and_a_lost_node_fails_its_sandboxes() {
     // A new sandbox goes to the node that is left.
     let id = api.create("default", json!({}));
     assert_eq!(api.wait_state("default", &id, "running", DEADLINE)["node"], "node-0");
+}
+
+/// How many sandboxes a node's record journal still holds: the ids whose
+/// newest line is a save, not a removal.
+fn live_records(journal: &std::path::Path) -> usize {
+    let text = std::fs::read_to_string(journal).unwrap_or_default();
+    let mut live = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Ok(line) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if let Some(id) = line["save"]["spec"]["id"].as_str() {
+            live.insert(id.to_owned());
+        } else if let Some(id) = line["remove"].as_str() {
+            live.remove(id);
+        }
+    }
+    live.len()
 }

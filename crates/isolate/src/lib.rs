@@ -16,6 +16,7 @@
 //! `hutch-ID` cgroup per controller. No mount is ever made in the host's namespace.
 
 mod cgroup;
+mod netns;
 mod rootfs;
 mod seccomp;
 mod spawn;
@@ -42,10 +43,10 @@ use tokio::io::unix::AsyncFd;
 
 pub use cgroup::{CgroupError, CgroupLayout, SandboxCgroup};
 pub use rootfs::{PlanMountsError, PrepareImageError};
-pub use seccomp::BuildSeccompError;
 pub use spec::{Egress, InvalidSandboxId, Limits, Rootfs, SandboxId, SandboxSpec};
 pub use userns::{IdRange, InvalidIdRange, SetUpUserNamespaceError};
 
+pub use netns::NetnsPoolStats;
 use spawn::{ChildFds, ChildPlan, STEP_BASE, Step};
 use state::{StateFile, proc_start_time};
 
@@ -101,8 +102,6 @@ pub enum NewDriverError {
     Images(#[from] PrepareImageError),
     #[error("set up cgroups")]
     Cgroup(#[from] CgroupError),
-    #[error("build seccomp filter")]
-    Seccomp(#[from] BuildSeccompError),
     #[error("read /proc/sys/kernel/cap_last_cap")]
     LastCap(#[source] io::Error),
 }
@@ -433,13 +432,15 @@ pub struct Driver {
     config: DriverConfig,
     images: rootfs::Images,
     cgroups: CgroupLayout,
-    seccomp: Vec<seccompiler::BpfProgram>,
+    seccomp: Vec<seccomp::BpfProgram>,
     last_cap: u32,
     nofile: u64,
     network: Option<Arc<NetManager>>,
     /// Host ids of sandboxes with [`SandboxSpec::user_namespace`]; all share them, as
     /// Docker's userns-remap does.
     user_ids: IdRange,
+    /// Network namespaces made ahead of time ([`Driver::with_netns_pool`]).
+    netns_pool: Option<netns::NetnsPool>,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
     /// Ids being created, reserved so that two creates of one id cannot race.
     creating: Mutex<HashSet<SandboxId>>,
@@ -471,12 +472,13 @@ impl Driver {
         Ok(Self {
             images,
             cgroups,
-            seccomp: seccomp::default_filters()?,
+            seccomp: vec![seccomp::default_filter()],
             last_cap,
             nofile: NOFILE.min(limit.rlim_max),
             config,
             network: None,
             user_ids: IdRange::default(),
+            netns_pool: None,
             sandboxes: Mutex::default(),
             creating: Mutex::default(),
         })
@@ -487,6 +489,23 @@ impl Driver {
     pub fn with_network(mut self, network: Arc<NetManager>) -> Self {
         self.network = Some(network);
         self
+    }
+
+    /// Keeps `size` network namespaces made ahead of time, by a background thread
+    /// while no create runs, for sandboxes without a user namespace; 0 keeps none.
+    /// A burst of creates then skips the dearest step of each (about 0.8 ms of
+    /// CPU), for about 130 KiB of kernel memory per idle namespace.
+    pub fn with_netns_pool(mut self, size: usize) -> io::Result<Self> {
+        self.netns_pool = match size {
+            0 => None,
+            size => Some(netns::NetnsPool::start(size)?),
+        };
+        Ok(self)
+    }
+
+    /// The network namespace pool's figures; `None` without a pool.
+    pub fn netns_pool(&self) -> Option<NetnsPoolStats> {
+        self.netns_pool.as_ref().map(netns::NetnsPool::stats)
     }
 
     /// The host ids that sandboxes with [`SandboxSpec::user_namespace`] run as
@@ -590,6 +609,7 @@ impl Driver {
         };
         let id = spec.id.clone();
         let _reservation = self.reserve(&id)?;
+        let _busy = self.netns_pool.as_ref().map(netns::NetnsPool::busy);
 
         let cgroup = self.cgroups.sandbox(&id);
         let started = match self.start(&spec, &cgroup) {
@@ -704,6 +724,9 @@ impl Driver {
         let lowers = rootfs::lower_dirs(&self.images, &spec.rootfs)?;
         let userns = spec.user_namespace.then(|| self.prepare_user_namespace(&dir, &run, &lowers));
         let userns = userns.transpose()?;
+        // A user namespace must own its network namespace (see `netns`).
+        let pooled_netns =
+            if userns.is_none() { self.netns_pool.as_ref().and_then(|p| p.take()) } else { None };
         cgroup.create(&spec.limits)?;
 
         // With a user namespace the plan names the sandbox's files relative to its
@@ -785,6 +808,7 @@ impl Driver {
                 .map(|(k, v)| CString::new(format!("{k}={v}")))
                 .collect::<Result<_, _>>()?,
             user_namespace: userns.is_some(),
+            loopback_up: pooled_netns.is_none(),
         };
 
         let log_path = dir.join("sandboxd.log");
@@ -803,7 +827,7 @@ impl Driver {
         let (err_r, err_w) = pipe()?;
         let fds = ChildFds { stdin, log, ready_w, sync_r, err_w };
         let spawned = match userns {
-            None => spawn::spawn(plan, &fds),
+            None => spawn::spawn(plan, &fds, pooled_netns.as_ref().map(AsFd::as_fd)),
             Some(_) => spawn::spawn_in(&dir, plan, &fds),
         }
         .map_err(CreateSandboxError::Clone)?;

@@ -12,10 +12,10 @@
 
 use std::ffi::{CString, c_char, c_int, c_uint, c_ulong, c_void};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use seccompiler::BpfProgram;
+use crate::seccomp::BpfProgram;
 
 /// One filesystem step executed by the child before `pivot_root`.
 #[derive(Debug)]
@@ -140,6 +140,8 @@ pub(crate) struct ChildPlan {
     /// before any mount step, and resolves the plan's relative paths from the working
     /// directory [`spawn_in`] gave it.
     pub user_namespace: bool,
+    /// Bring `lo` up: false for a pooled network namespace, where it already is.
+    pub loopback_up: bool,
 }
 
 /// File descriptors handed to the child; all close-on-exec in the parent.
@@ -215,7 +217,7 @@ pub(crate) fn spawn_in(
                     return Err(io::Error::last_os_error());
                 }
                 std::env::set_current_dir(dir)?;
-                spawn(plan, fds)
+                spawn(plan, fds, None)
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked")))
@@ -224,9 +226,16 @@ pub(crate) fn spawn_in(
 
 /// Clones the child and runs the plan in it. Returns in the parent only.
 ///
+/// With `netns` the child is born in that network namespace (one of
+/// [`crate::netns::NetnsPool`]'s) instead of a new one.
+///
 /// The returned [`Spawned::memory`] holds everything the child reads; it must be kept
 /// until the child has exec'd or died, which its `Drop` checks for itself.
-pub(crate) fn spawn(plan: ChildPlan, fds: &ChildFds) -> io::Result<Spawned> {
+pub(crate) fn spawn(
+    plan: ChildPlan,
+    fds: &ChildFds,
+    netns: Option<BorrowedFd<'_>>,
+) -> io::Result<Spawned> {
     let stack = Stack::new()?;
     // Raw pointer arrays are built before the clone (the child cannot allocate) and
     // after the plan reached its final place, although moving a CString does not move
@@ -269,24 +278,34 @@ pub(crate) fn spawn(plan: ChildPlan, fds: &ChildFds) -> io::Result<Spawned> {
     let mut pidfd: c_int = -1;
     // SAFETY: `shared` is the live allocation made above; nothing else uses it yet.
     let user_namespace = unsafe { (*shared).plan.user_namespace };
-    let flags = if user_namespace { CLONE_FLAGS | libc::CLONE_NEWUSER } else { CLONE_FLAGS };
-    // SAFETY: the child runs `child_entry` on its own stack and reads only `shared`,
-    // which stays allocated until `running` is cleared (see ChildMemory's Drop). It
-    // makes raw syscalls only: no allocation, no errno, no thread-local storage of the
-    // thread it was cloned from. The pidfd is stored through `parent_tid`, as clone(2)
-    // documents for CLONE_PIDFD.
-    let ret = unsafe {
-        libc::clone(
-            child_entry,
-            stack.top(),
-            flags,
-            shared.cast(),
-            &mut pidfd as *mut c_int,
-            std::ptr::null_mut::<c_void>(),
-            std::ptr::addr_of_mut!((*shared).running),
-        )
+    let mut flags = if user_namespace { CLONE_FLAGS | libc::CLONE_NEWUSER } else { CLONE_FLAGS };
+    if netns.is_some() {
+        // Born in the namespace this thread enters for the clone.
+        flags &= !libc::CLONE_NEWNET;
+    }
+    let mut clone = || {
+        // SAFETY: the child runs `child_entry` on its own stack and reads only
+        // `shared`, which stays allocated until `running` is cleared (see
+        // ChildMemory's Drop). It makes raw syscalls only: no allocation, no errno,
+        // no thread-local storage of the thread it was cloned from. The pidfd is
+        // stored through `parent_tid`, as clone(2) documents for CLONE_PIDFD.
+        let ret = unsafe {
+            libc::clone(
+                child_entry,
+                stack.top(),
+                flags,
+                shared.cast(),
+                &mut pidfd as *mut c_int,
+                std::ptr::null_mut::<c_void>(),
+                std::ptr::addr_of_mut!((*shared).running),
+            )
+        };
+        (ret, io::Error::last_os_error())
     };
-    let clone_error = io::Error::last_os_error();
+    let (ret, clone_error) = match netns {
+        None => clone(),
+        Some(netns) => crate::netns::while_in(netns, clone).unwrap_or_else(|e| (-1, e)),
+    };
     // SAFETY: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     if ret < 0 {
@@ -424,7 +443,7 @@ fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
 #[repr(C)]
 struct SockFprog {
     len: u16,
-    filter: *const seccompiler::sock_filter,
+    filter: *const libc::sock_filter,
 }
 
 const NULL: *const c_char = std::ptr::null();
@@ -684,7 +703,9 @@ unsafe fn child_main(raw: &Shared) -> ! {
         check!(pivot, sys!(libc::SYS_umount2, dot, libc::MNT_DETACH));
         check!(pivot, sys!(libc::SYS_chdir, c"/".as_ptr()));
 
-        check!(STEP_BASE + Step::Loopback as u32, loopback_up());
+        if plan.loopback_up {
+            check!(STEP_BASE + Step::Loopback as u32, loopback_up());
+        }
 
         for (resource, limit) in &plan.rlimits {
             check!(

@@ -54,6 +54,14 @@ impl SandboxId {
     }
 }
 
+/// Lets maps keyed by id be searched with a plain `&str`. The derived `Ord`
+/// and `Hash` are those of the inner string, as `Borrow` requires.
+impl std::borrow::Borrow<str> for SandboxId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl TryFrom<String> for SandboxId {
     type Error = InvalidSandboxId;
     fn try_from(value: String) -> Result<Self, Self::Error> {

@@ -398,6 +398,41 @@ except OSError as e:
 }
 
 #[tokio::test]
+async fn pooled_network_namespaces_are_fresh_private_and_have_loopback() -> anyhow::Result<()> {
+    let env = TestEnv::with_netns_pool("netns-pool", 2)?;
+    env.driver.create(env.spec("pooled-a")).await?;
+    env.driver.create(env.spec("pooled-b")).await?;
+    assert_eq!(env.driver.netns_pool().map(|stats| stats.taken), Some(2));
+    // Without the pool, for comparison: a namespace of the clone's own.
+    let plain = TestEnv::new("netns-plain")?;
+    plain.driver.create(plain.spec("plain")).await?;
+
+    // Each sandbox has a namespace of its own, none of them the host's, with
+    // nothing but `lo`, which is up and carries traffic.
+    let probe = r#"
+import os, socket
+print(os.readlink("/proc/self/ns/net"))
+print(sorted(line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:]))
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+c = socket.create_connection(s.getsockname(), timeout=2); print("loopback ok")
+try:
+    socket.create_connection(("192.0.2.1", 80), timeout=2); print("connected")
+except OSError as e:
+    print(e.errno)
+"#;
+    let mut namespaces = vec![std::fs::read_link("/proc/self/ns/net")?.display().to_string()];
+    for (env, id) in [(&env, "pooled-a"), (&env, "pooled-b"), (&plain, "plain")] {
+        let out = support::exec(&env.socket(id), "/usr/bin/python3", &["-c", probe]).await?;
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert_eq!(lines.get(1..), Some(&["['lo']", "loopback ok", "101"][..]), "{id}: {out:?}");
+        namespaces.push(lines[0].to_owned());
+    }
+    let distinct: std::collections::BTreeSet<_> = namespaces.iter().collect();
+    assert_eq!(distinct.len(), namespaces.len(), "shared namespaces: {namespaces:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn connect_port_reaches_a_loopback_listener_inside() -> anyhow::Result<()> {
     let env = TestEnv::new("port")?;
     env.driver.create(env.spec("port")).await?;

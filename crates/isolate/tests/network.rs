@@ -36,6 +36,8 @@ fn internet_egress_gives_an_address_the_host_reaches_and_nothing_else() {
             let a_addr = env.driver.create(a).await?.address.expect("address of a");
             let b_addr = env.driver.create(b).await?.address.expect("address of b");
             assert_ne!(a_addr, b_addr);
+            // Both were born in pooled namespaces, wired from the host all the same.
+            assert_eq!(env.driver.netns_pool().map(|stats| stats.taken), Some(2));
 
             // A server inside a, on all its addresses.
             let server = "import socket\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind((\"0.0.0.0\", 8080)); s.listen()\nwhile True:\n    c, _ = s.accept(); c.sendall(b\"hi\"); c.close()";

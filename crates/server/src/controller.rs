@@ -84,12 +84,13 @@ pub struct ListFilter {
 }
 
 /// Where a daemon request for a sandbox goes.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum DaemonTarget {
     /// Forward to this node proxy.
     Ready { proxy_url: String },
-    /// Not running yet: wait for a `running` event.
-    NotYet,
+    /// Not running yet: ask again once the receiver fires, at the sandbox's
+    /// next change (or its node's registration).
+    NotYet(oneshot::Receiver<()>),
     /// Finished (or never will run).
     Finished { state: SandboxState, reason: Option<String>, retained_proxy_url: Option<String> },
 }
@@ -267,6 +268,10 @@ pub struct Controller<S> {
     nodes: BTreeMap<String, Node>,
     idempotency: HashMap<(String, String), IdempotencyRecord>,
     events: broadcast::Sender<Arc<Sandbox>>,
+    /// Daemon requests waiting for their sandbox to run, woken at its next
+    /// change. Per sandbox, so that a burst of creates, each with a request
+    /// waiting, wakes one request per change rather than all of them.
+    daemon_waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
     /// Nodes whose desired state may have changed since it was published.
     dirty_nodes: BTreeSet<String>,
     /// Whether placement should be retried (capacity or pending set changed).
@@ -295,6 +300,7 @@ impl<S: Store> Controller<S> {
             namespaces: namespaces.into_iter().map(|ns| (ns.name.clone(), ns)).collect(),
             keys: api_keys.into_iter().map(|key| (key.key_sha256.clone(), key)).collect(),
             sandboxes: HashMap::new(),
+            daemon_waiters: HashMap::new(),
             nodes: BTreeMap::new(),
             idempotency: idempotency_keys
                 .into_iter()
@@ -684,14 +690,20 @@ impl<S: Store> Controller<S> {
                 .filter(|node| node.registered && !node.lost)
                 .map(|node| node.proxy_url.clone())
         };
+        let mut not_yet = || {
+            let (waiter, changed) = oneshot::channel();
+            let waiters = self.daemon_waiters.entry(id.to_owned()).or_default();
+            // Requests that timed out and went away.
+            waiters.retain(|waiter| !waiter.is_closed());
+            waiters.push(waiter);
+            DaemonTarget::NotYet(changed)
+        };
         Ok(match record.state {
             SandboxState::Running if record.stop.is_none() => match proxy_url(&self.nodes) {
                 Some(proxy_url) => DaemonTarget::Ready { proxy_url },
-                None => DaemonTarget::NotYet,
+                None => not_yet(),
             },
-            SandboxState::Pending | SandboxState::Creating if record.stop.is_none() => {
-                DaemonTarget::NotYet
-            }
+            SandboxState::Pending | SandboxState::Creating if record.stop.is_none() => not_yet(),
             state => DaemonTarget::Finished {
                 state,
                 reason: record
@@ -780,6 +792,12 @@ impl<S: Store> Controller<S> {
         tracing::info!(node = %request.node_id, proxy_url = %node.proxy_url, version = %request.version, "node registered");
         self.dirty_nodes.insert(request.node_id);
         self.reschedule = true;
+        // A running sandbox of a node that was away can be reached again.
+        for (_, waiters) in self.daemon_waiters.drain() {
+            for waiter in waiters {
+                let _ = waiter.send(());
+            }
+        }
         proto::RegisterResponse {
             heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
@@ -841,9 +859,7 @@ impl<S: Store> Controller<S> {
                 changed.push(record);
             }
         }
-        for record in changed {
-            self.save(record).await?;
-        }
+        self.save_all(changed).await?;
         self.settle().await;
         // settle() published this node's state; answer with that very one.
         Ok(self
@@ -922,16 +938,15 @@ impl<S: Store> Controller<S> {
             }
         }
         for id in forget {
+            self.wake_daemon_waiters(&id);
             if let Some(entry) = self.sandboxes.remove(&id)
                 && let Some(node) = entry.record.node
             {
                 self.dirty_nodes.insert(node);
             }
         }
-        for record in changed {
-            if let Err(error) = self.save(record).await {
-                tracing::error!(error = %error_chain(&error), "cannot record a timed sandbox change; retrying on the next tick");
-            }
+        if let Err(error) = self.save_all(changed).await {
+            tracing::error!(error = %error_chain(&error), "cannot record timed sandbox changes; retrying on the next tick");
         }
         if now - self.last_expiry_ms > 60_000 {
             self.last_expiry_ms = now;
@@ -977,6 +992,7 @@ impl<S: Store> Controller<S> {
         }
         pending.sort_by_key(|record| record.seq);
         let mut free = self.free_by_node();
+        let mut placed = Vec::new();
         for mut record in pending {
             let choice = scheduler::pick(
                 free.iter().map(|(id, free)| (id.as_str(), free)),
@@ -994,13 +1010,15 @@ impl<S: Store> Controller<S> {
                 None if record.reason.as_deref() == Some("no_capacity") => continue,
                 None => record.reason = Some("no_capacity".to_owned()),
             }
-            if let Err(error) = self.save(record).await {
-                tracing::error!(error = %error_chain(&error), "cannot record a placement");
-                self.reschedule = true;
-            }
+            placed.push(record);
         }
+        let saved = self.save_all(placed).await;
         // Saving placements asks for another pass; nothing is left to place.
         self.reschedule = false;
+        if let Err(error) = saved {
+            tracing::error!(error = %error_chain(&error), "cannot record placements");
+            self.reschedule = true;
+        }
     }
 
     /// Free resources of every schedulable node after its reservations.
@@ -1044,10 +1062,10 @@ impl<S: Store> Controller<S> {
             })
             .map(|entry| desired_sandbox(&entry.record))
             .collect();
-        sandboxes.sort_by(|a, b| {
-            let id = |s: &proto::DesiredSandbox| s.spec.as_ref().map(|spec| spec.id.clone());
-            id(a).cmp(&id(b))
-        });
+        fn id(sandbox: &proto::DesiredSandbox) -> Option<&str> {
+            sandbox.spec.as_ref().map(|spec| spec.id.as_str())
+        }
+        sandboxes.sort_unstable_by(|a, b| id(a).cmp(&id(b)));
         Arc::new(proto::DesiredState { sandboxes })
     }
 
@@ -1059,9 +1077,22 @@ impl<S: Store> Controller<S> {
         Ok(())
     }
 
+    /// [`Controller::save`] for changes made together: one transaction.
+    async fn save_all(&mut self, records: Vec<SandboxRecord>) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.store.put_sandboxes(&records).await?;
+        for record in records {
+            self.remember(record);
+        }
+        Ok(())
+    }
+
     /// The in-memory half of [`Controller::save`], for a record already
     /// written to the store.
     fn remember(&mut self, record: SandboxRecord) {
+        self.wake_daemon_waiters(&record.id);
         let now = now_ms();
         if let Some(node) = &record.node {
             self.dirty_nodes.insert(node.clone());
@@ -1089,6 +1120,14 @@ impl<S: Store> Controller<S> {
         }
         // Nobody listening is fine.
         let _ = self.events.send(view);
+    }
+
+    /// Lets the daemon requests waiting for this sandbox look again.
+    fn wake_daemon_waiters(&mut self, id: &str) {
+        for waiter in self.daemon_waiters.remove(id).unwrap_or_default() {
+            // A request that went away is fine.
+            let _ = waiter.send(());
+        }
     }
 
     fn view(&self, record: &SandboxRecord) -> Sandbox {

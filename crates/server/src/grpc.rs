@@ -2,6 +2,7 @@
 //! `Sync` stream of reports up and desired states down.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::Stream;
 use hutch_proto::node::node_server::{Node, NodeServer};
@@ -19,7 +20,7 @@ use crate::keys::constant_time_eq;
 /// desired state at once instead of in answer to the first report.
 pub const NODE_ID_METADATA: &str = "hutch-node-id";
 
-type DesiredWatch = watch::Receiver<std::sync::Arc<DesiredState>>;
+type DesiredWatch = watch::Receiver<Arc<DesiredState>>;
 
 #[derive(Debug, Clone)]
 pub struct NodeService {
@@ -116,12 +117,16 @@ impl Node for NodeService {
             .map(str::to_owned);
         let mut inbound = request.into_inner();
         let (outbound, receiver) = mpsc::channel(4);
+        // The state this stream last carried: an unchanged one is not sent
+        // again (the stream loses nothing, and each is the node's whole table).
+        let mut last_sent: Option<Arc<DesiredState>> = None;
         let mut desired = match node_id {
             Some(node_id) => {
                 let mut desired = self.connect(node_id).await?;
-                let first = (**desired.borrow_and_update()).clone();
+                let first = desired.borrow_and_update().clone();
                 // The channel is empty and its receiver alive: this cannot fail.
-                let _ = outbound.try_send(Ok(first));
+                let _ = outbound.try_send(Ok((*first).clone()));
+                last_sent = Some(first);
                 Some(desired)
             }
             None => None,
@@ -158,14 +163,26 @@ impl Node for NodeService {
                         // The watch is left unmarked on purpose: a state the
                         // controller published after computing this answer
                         // must still go out, and a repeat is harmless.
+                        let answer = match answer {
+                            Ok(state) if is_last_sent(&last_sent, &state) => continue,
+                            Ok(state) => Ok(state),
+                            Err(error) => Err(error),
+                        };
                         let failed = answer.is_err();
+                        if let Ok(state) = &answer {
+                            last_sent = Some(state.clone());
+                        }
                         if outbound.send(answer.map(|state| (*state).clone())).await.is_err() || failed {
                             break;
                         }
                     }
                     changed = changed(&mut desired) => {
                         let Some(state) = changed else { break };
-                        if outbound.send(Ok(state)).await.is_err() {
+                        if is_last_sent(&last_sent, &state) {
+                            continue;
+                        }
+                        last_sent = Some(state.clone());
+                        if outbound.send(Ok((*state).clone())).await.is_err() {
                             break;
                         }
                     }
@@ -178,12 +195,18 @@ impl Node for NodeService {
 
 /// The next desired state once it changes; never resolves before the node
 /// is known, `None` once the controller is gone.
-async fn changed(desired: &mut Option<DesiredWatch>) -> Option<DesiredState> {
+async fn changed(desired: &mut Option<DesiredWatch>) -> Option<Arc<DesiredState>> {
     match desired {
         Some(watch) => {
             watch.changed().await.ok()?;
-            Some((**watch.borrow_and_update()).clone())
+            Some(watch.borrow_and_update().clone())
         }
         None => std::future::pending().await,
     }
+}
+
+/// Whether `state` is the very state this stream sent last. The controller
+/// publishes a new `Arc` for every change, so pointer equality is enough.
+fn is_last_sent(last_sent: &Option<Arc<DesiredState>>, state: &Arc<DesiredState>) -> bool {
+    last_sent.as_ref().is_some_and(|last| Arc::ptr_eq(last, state))
 }

@@ -337,6 +337,8 @@ impl TestNode {
             insecure_registries: Vec::new(),
             registries: Default::default(),
             report_interval: Duration::from_secs(2),
+            // Small, but the first creates of a test still take pooled namespaces.
+            netns_pool: 4,
         };
         let mut config = config;
         adjust(&mut config);

@@ -26,14 +26,39 @@ impl TestEnv {
         Ok(Self { driver, dir, cgroup_parent })
     }
 
-    /// Like [`TestEnv::new`], with sandbox networking from `network`.
+    /// Like [`TestEnv::new`], with sandbox networking from `network` and a pool
+    /// of two network namespaces, full before this returns: the first two
+    /// sandboxes without a user namespace are born in pooled namespaces.
     pub fn with_network(
         name: &str,
         network: std::sync::Arc<hutch_net::NetManager>,
     ) -> anyhow::Result<Self> {
+        Self::build(name, 2, Some(network))
+    }
+
+    /// Like [`TestEnv::new`], with a pool of `size` network namespaces, full
+    /// before this returns.
+    pub fn with_netns_pool(name: &str, size: usize) -> anyhow::Result<Self> {
+        Self::build(name, size, None)
+    }
+
+    fn build(
+        name: &str,
+        pool: usize,
+        network: Option<std::sync::Arc<hutch_net::NetManager>>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let cgroup_parent = format!("hutch-test-{name}-{}", std::process::id());
-        let driver = Driver::new(config(dir.path(), &cgroup_parent))?.with_network(network);
+        let mut driver = Driver::new(config(dir.path(), &cgroup_parent))?.with_netns_pool(pool)?;
+        if let Some(network) = network {
+            driver = driver.with_network(network);
+        }
+        let full = hutch_testkit::wait_until(Duration::from_secs(10), || {
+            driver.netns_pool().is_some_and(|stats| stats.ready == pool)
+        });
+        if !full {
+            bail!("the network namespace pool never filled");
+        }
         Ok(Self { driver, dir, cgroup_parent })
     }
 

@@ -9,7 +9,6 @@ use axum::response::Response;
 use http::{HeaderValue, Method, Uri, header};
 use hutch_relay::Backend;
 use tokio::net::TcpStream;
-use tokio::sync::broadcast;
 
 use super::{ApiError, AppState, Auth, PathParams};
 use crate::controller::{Command, DaemonTarget};
@@ -68,15 +67,13 @@ async fn wait_until_running(
     read_only: bool,
 ) -> Result<String, ApiError> {
     let deadline = tokio::time::Instant::now() + state.daemon_wait;
-    // Subscribed before the first look, so a change in between is not missed.
-    let mut events = state.controller.subscribe();
     loop {
         let (ns, sandbox_id) = (namespace.to_owned(), id.to_owned());
         let target = state
             .controller
             .call(|reply| Command::ResolveDaemon { namespace: ns, id: sandbox_id, reply })
             .await??;
-        match target {
+        let changed = match target {
             DaemonTarget::Ready { proxy_url } => return Ok(proxy_url),
             DaemonTarget::Finished { retained_proxy_url: Some(proxy_url), .. } if read_only => {
                 return Ok(proxy_url);
@@ -84,34 +81,22 @@ async fn wait_until_running(
             DaemonTarget::Finished { state, reason, .. } => {
                 return Err(ApiError::SandboxNotRunning { id: id.to_owned(), state, reason });
             }
-            DaemonTarget::NotYet => {}
-        }
-        let changed = tokio::time::timeout_at(deadline, async {
-            loop {
-                match events.recv().await {
-                    Ok(sandbox) if sandbox.id == id => return true,
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => return true,
-                    Err(broadcast::error::RecvError::Closed) => return false,
-                }
-            }
-        })
-        .await;
-        match changed {
-            Ok(true) => continue,
-            Ok(false) => return Err(ApiError::ShuttingDown),
-            Err(_elapsed) => {
-                let (ns, sandbox_id) = (namespace.to_owned(), id.to_owned());
-                let sandbox = state
-                    .controller
-                    .call(|reply| Command::GetSandbox { namespace: ns, id: sandbox_id, reply })
-                    .await??;
-                return Err(ApiError::SandboxNotRunning {
-                    id: id.to_owned(),
-                    state: sandbox.state,
-                    reason: sandbox.reason,
-                });
-            }
+            DaemonTarget::NotYet(changed) => changed,
+        };
+        // The controller registered this wait before answering, so a change
+        // in between is not missed. A dropped sender (the controller is
+        // stopping) sends us round once more, to its error.
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let (ns, sandbox_id) = (namespace.to_owned(), id.to_owned());
+            let sandbox = state
+                .controller
+                .call(|reply| Command::GetSandbox { namespace: ns, id: sandbox_id, reply })
+                .await??;
+            return Err(ApiError::SandboxNotRunning {
+                id: id.to_owned(),
+                state: sandbox.state,
+                reason: sandbox.reason,
+            });
         }
     }
 }

@@ -104,9 +104,10 @@ pub enum StoreError {
     UnknownState { id: String, state: String },
 }
 
-/// The server's durable state. Every write is an upsert or a delete of one
-/// record, so the controller can write each change through on its own;
-/// deleting a namespace, which touches many, is the one transaction.
+/// The server's durable state. Every write is an upsert or a delete, so the
+/// controller can write each change through on its own; changes it makes
+/// together (placements, one node report) go in one transaction, and so does
+/// deleting a namespace, which touches many records.
 pub trait Store: Send + Sync + 'static {
     fn load(&self) -> impl Future<Output = Result<StoredState, StoreError>> + Send;
     fn put_namespace(
@@ -121,6 +122,11 @@ pub trait Store: Send + Sync + 'static {
     fn put_sandbox(
         &self,
         sandbox: &SandboxRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Writes all of `sandboxes` or none of them.
+    fn put_sandboxes(
+        &self,
+        sandboxes: &[SandboxRecord],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Deletes a namespace with its API keys and idempotency keys, and
     /// writes `sandboxes` (its sandboxes, marked deleted), all at once: a

@@ -265,6 +265,18 @@ impl Store for SqliteStore {
         put_sandbox(&self.pool, sandbox).await
     }
 
+    async fn put_sandboxes(&self, sandboxes: &[SandboxRecord]) -> Result<(), StoreError> {
+        if let [sandbox] = sandboxes {
+            return put_sandbox(&self.pool, sandbox).await;
+        }
+        let mut tx = self.pool.begin().await.map_err(query_error("begin sandbox writes"))?;
+        for sandbox in sandboxes {
+            put_sandbox(&mut *tx, sandbox).await?;
+        }
+        tx.commit().await.map_err(query_error("commit sandbox writes"))?;
+        Ok(())
+    }
+
     async fn delete_namespace(
         &self,
         name: &str,
