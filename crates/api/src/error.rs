@@ -65,6 +65,10 @@ pub enum ErrorCode {
     UnknownUser,
     /// sandboxd is shutting down and starts nothing new.
     ShuttingDown,
+    /// The main command exited and sandboxd was told to end with it: every
+    /// other process was killed and nothing new starts; output and files can
+    /// still be read.
+    MainExited,
     /// An unexpected failure; the message says what failed.
     Internal,
 }
@@ -90,7 +94,8 @@ impl ErrorCode {
             | ErrorCode::ProcessRunning
             | ErrorCode::TagInUse
             | ErrorCode::StdinClosed
-            | ErrorCode::NotATerminal => 409,
+            | ErrorCode::NotATerminal
+            | ErrorCode::MainExited => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::RangeNotSatisfiable => 416,

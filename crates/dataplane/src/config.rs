@@ -64,6 +64,44 @@ pub struct DataplaneConfig {
     /// next creates to take (each idle one holds about 130 KiB of kernel
     /// memory); 0 makes each sandbox's namespace at its create.
     pub netns_pool: usize,
+    /// What the proxy allows each client and each sandbox.
+    pub proxy: ProxyLimits,
+    /// Run every sandbox in a user namespace of its own (root inside is an
+    /// unprivileged host uid). Only for kernels without idmapped mounts may an
+    /// operator turn it off, and the dataplane then says so when it starts.
+    pub user_namespace: bool,
+}
+
+/// Bounds on the proxy, so that no client and no sandbox can exhaust the node.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyLimits {
+    /// How long a connection to a sandbox's port may take before the client gets
+    /// 502 `port_unreachable`.
+    #[serde(with = "millis", rename = "connect_timeout_ms")]
+    pub connect_timeout: Duration,
+    /// How long a client may take to send a request's head (slow-loris clients
+    /// are cut off after it), and how long a kept-alive connection may idle
+    /// before its next request.
+    #[serde(with = "millis", rename = "header_timeout_ms")]
+    pub header_timeout: Duration,
+    /// Client connections the proxy holds at once; more are answered 503
+    /// `too_many_connections` and closed.
+    pub max_connections: usize,
+    /// Connections into one sandbox at once (all its ports, sandboxd's
+    /// included); more are answered 429 `too_many_connections`.
+    pub max_connections_per_sandbox: usize,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
+            max_connections: 8192,
+            max_connections_per_sandbox: 512,
+        }
+    }
 }
 
 /// Enough for a burst of creates to skip making network namespaces, for about
@@ -91,12 +129,14 @@ impl Default for DataplaneConfig {
             registries: BTreeMap::new(),
             report_interval: Duration::from_secs(2),
             netns_pool: DEFAULT_NETNS_POOL,
+            proxy: ProxyLimits::default(),
+            user_namespace: true,
         }
     }
 }
 
 /// Top-level keys that `HUTCH_<KEY>` may set (nested: `HUTCH_CAPACITY_<KEY>`).
-const KEYS: [&str; 17] = [
+const KEYS: [&str; 18] = [
     "node_id",
     "server_url",
     "node_token",
@@ -114,8 +154,11 @@ const KEYS: [&str; 17] = [
     "registries",
     "report_interval",
     "netns_pool",
+    "user_namespace",
 ];
-const CAPACITY_KEYS: [&str; 4] = ["cpus", "memory_mb", "disk_mb", "pids"];
+const CAPACITY_KEYS: [&str; 5] = ["cpus", "memory_mb", "disk_mb", "pids", "max_pids_per_sandbox"];
+const PROXY_KEYS: [&str; 4] =
+    ["connect_timeout_ms", "header_timeout_ms", "max_connections", "max_connections_per_sandbox"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -149,6 +192,7 @@ impl DataplaneConfig {
                 // Strings stay strings even when they look like numbers (a token "123").
                 let value = match key {
                     "network"
+                    | "user_namespace"
                     | "report_interval"
                     | "netns_pool"
                     | "insecure_registries"
@@ -158,15 +202,18 @@ impl DataplaneConfig {
                 root.insert(Value::String(key.to_owned()), value);
             }
         }
-        for key in CAPACITY_KEYS {
-            if let Some(value) = env.get(&format!("HUTCH_CAPACITY_{}", key.to_uppercase())) {
-                let capacity = root
-                    .entry(Value::String("capacity".to_owned()))
-                    .or_insert_with(|| Value::Mapping(Mapping::new()));
-                let Value::Mapping(capacity) = capacity else {
-                    return Err(ConfigError::NotAMapping);
-                };
-                capacity.insert(Value::String(key.to_owned()), scalar(value));
+        for (section, keys) in [("capacity", &CAPACITY_KEYS[..]), ("proxy", &PROXY_KEYS[..])] {
+            for key in keys {
+                let name = format!("HUTCH_{}_{}", section.to_uppercase(), key.to_uppercase());
+                if let Some(value) = env.get(&name) {
+                    let nested = root
+                        .entry(Value::String(section.to_owned()))
+                        .or_insert_with(|| Value::Mapping(Mapping::new()));
+                    let Value::Mapping(nested) = nested else {
+                        return Err(ConfigError::NotAMapping);
+                    };
+                    nested.insert(Value::String((*key).to_owned()), scalar(value));
+                }
             }
         }
         Ok(serde_yaml::from_value(Value::Mapping(root))?)
@@ -306,7 +353,14 @@ pub struct CapacityConfig {
     pub memory_mb: Option<u64>,
     pub disk_mb: Option<u64>,
     pub pids: Option<u32>,
+    /// The most pids one sandbox may ask for; [`DEFAULT_MAX_PIDS_PER_SANDBOX`]
+    /// (and never more than the kernel's `pid_max`) when unset.
+    pub max_pids_per_sandbox: Option<u32>,
 }
+
+/// The default of [`CapacityConfig::max_pids_per_sandbox`]: plenty for a build
+/// or a test suite, a small share of the kernel's default `pid_max` (4 Mi).
+pub const DEFAULT_MAX_PIDS_PER_SANDBOX: u32 = 32768;
 
 /// What the node offers sandboxes in total.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -315,6 +369,49 @@ pub struct Capacity {
     pub memory_mb: u64,
     pub disk_mb: u64,
     pub pids: u32,
+    /// The most one sandbox may have: the host's real resources, not the
+    /// overcommitted totals above.
+    pub per_sandbox: SandboxMax,
+}
+
+/// The largest sandbox a node runs. A sandbox's memory and disk both live in
+/// memory (the writable layer is a tmpfs), so together they must fit the host's
+/// memory; its CPU quota must fit the host's cores.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SandboxMax {
+    pub cpus: f64,
+    /// Memory plus disk, in MiB.
+    pub memory_mb: u64,
+    pub pids: u32,
+}
+
+impl Capacity {
+    /// Whether one sandbox's limits fit [`Capacity::per_sandbox`]; the message
+    /// says which does not.
+    pub(crate) fn check(&self, limits: &hutch_isolate::Limits) -> Result<(), String> {
+        let max = self.per_sandbox;
+        let memory_mb = limits.memory_limit() >> 20;
+        if memory_mb > max.memory_mb {
+            return Err(format!(
+                "resources.memory_mb + resources.disk_mb is {memory_mb} MiB, more than this node's memory ({} MiB)",
+                max.memory_mb
+            ));
+        }
+        if f64::from(limits.cpu_millis) / 1000.0 > max.cpus {
+            return Err(format!(
+                "resources.cpus is {}, more than this node's {} cores",
+                f64::from(limits.cpu_millis) / 1000.0,
+                max.cpus
+            ));
+        }
+        if limits.pids > max.pids {
+            return Err(format!(
+                "resources.pids is {}, more than this node allows one sandbox ({})",
+                limits.pids, max.pids
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Capacity {
@@ -342,11 +439,17 @@ impl Capacity {
             .ok()
             .and_then(|text| text.trim().parse().ok())
             .unwrap_or(32768);
+        let per_sandbox = SandboxMax {
+            cpus: cores as f64,
+            memory_mb: mem_total_kb / 1024,
+            pids: config.max_pids_per_sandbox.unwrap_or(DEFAULT_MAX_PIDS_PER_SANDBOX).min(pid_max),
+        };
         Self {
             cpus: config.cpus.unwrap_or(cores as f64 * 64.0),
             memory_mb: config.memory_mb.unwrap_or(mem_total_kb / 1024 * 4),
             disk_mb: config.disk_mb.unwrap_or_else(|| free_disk_mb(data_dir).saturating_mul(8)),
             pids: config.pids.unwrap_or(pid_max),
+            per_sandbox,
         }
     }
 }
@@ -412,9 +515,14 @@ mod tests {
             memory_mb: Some(100),
             disk_mb: Some(7),
             pids: Some(9),
+            max_pids_per_sandbox: Some(5),
         };
         let capacity = Capacity::resolve(&config, Path::new("/"));
-        assert_eq!(capacity, Capacity { cpus: 2.5, memory_mb: 100, disk_mb: 7, pids: 9 });
+        assert_eq!(
+            (capacity.cpus, capacity.memory_mb, capacity.disk_mb, capacity.pids),
+            (2.5, 100, 7, 9)
+        );
+        assert_eq!(capacity.per_sandbox.pids, 5);
     }
 
     #[test]

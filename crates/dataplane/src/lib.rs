@@ -61,12 +61,12 @@ pub enum OpenDataplaneError {
     NetnsPool(#[source] std::io::Error),
     #[error("sandbox records")]
     Records(#[from] RecordError),
-    #[error("destroy orphaned sandbox {id}")]
-    Orphan {
-        id: SandboxId,
-        #[source]
-        source: hutch_isolate::DestroySandboxError,
-    },
+    #[error(
+        "this kernel cannot run sandboxes in user namespaces (they need idmapped mounts, \
+         Linux 5.12+, over overlayfs, 5.19+); only on such a kernel, set user_namespace: false \
+         (HUTCH_USER_NAMESPACE=false) to run sandboxes as host root"
+    )]
+    UserNamespace(#[source] hutch_isolate::CreateSandboxError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +112,14 @@ impl Dataplane {
             let network = hutch_net::NetManager::new(config.net_config()?).await?;
             driver = driver.with_network(Arc::new(network));
         }
+        if config.user_namespace {
+            driver.check_user_namespaces().await.map_err(OpenDataplaneError::UserNamespace)?;
+        } else {
+            tracing::warn!(
+                "user_namespace is off: root in every sandbox is root on this host, \
+                 kept in only by namespaces, capabilities and seccomp"
+            );
+        }
         let images = ImageStore::open(data_dir.join("images"))?;
         let adopted = driver.adopt().await?;
         let swept = driver.sweep().await?;
@@ -122,24 +130,27 @@ impl Dataplane {
         );
 
         let (records, loaded) = record::Records::open(&data_dir)?;
-        // Sandboxes without a record were never promised to anyone: a crash
-        // between the driver's create and our record cannot happen (the record
-        // is written first), so these are foreign to this node's table.
-        for info in driver.list() {
-            if !loaded.iter().any(|r| r.spec.id == info.id) {
-                tracing::warn!(id = %info.id, "destroying a sandbox without a record");
-                driver
-                    .destroy(&info.id)
-                    .await
-                    .map_err(|source| OpenDataplaneError::Orphan { id: info.id.clone(), source })?;
-            }
+        // Sandboxes the driver runs without a record (the journal was lost or
+        // damaged) are left alone until the server has spoken: it adopts those it
+        // still wants and the owner destroys the rest, never before.
+        let orphans: Vec<SandboxId> = driver
+            .list()
+            .into_iter()
+            .map(|info| info.id)
+            .filter(|id| !loaded.iter().any(|r| &r.spec.id == id))
+            .collect();
+        if !orphans.is_empty() {
+            tracing::warn!(
+                count = orphans.len(),
+                "sandboxes without a record: kept until the server says whether it wants them"
+            );
         }
         let capacity = Capacity::resolve(&config.capacity, &data_dir);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let create_slots = tokio::sync::Semaphore::new(cores.max(2));
         let node =
             Arc::new(Node { driver, images, records, config, capacity, create_slots, run_dir });
-        let owner = Owner::new(node.clone(), loaded);
+        let owner = Owner::new(node.clone(), loaded, orphans);
         Ok(Self { node, owner })
     }
 

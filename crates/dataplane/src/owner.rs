@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicUsize};
 use std::time::{Duration, Instant};
 
 use hutch_api::{ExitInfo, ProcessStatus};
@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
 use crate::config::{Capacity, DataplaneConfig};
-use crate::record::{Observed, Phase, Record, Records, Spec, now_ms};
+use crate::record::{Observed, Phase, Record, RecordError, Records, Spec, now_ms};
 use crate::sandboxd::{self, SandboxdCallError};
 
 /// Reasons the node reports (see docs/platform-api.md for the server's).
@@ -39,6 +39,9 @@ pub(crate) mod reason {
     pub const STOPPED: &str = "stopped";
     /// The sandbox's PID 1 (sandboxd) died.
     pub const SANDBOX_DIED: &str = "sandbox_died";
+    /// The node could not write the sandbox's record before creating it (a full
+    /// or failing disk), so it did not create it.
+    pub const STATE_NOT_PERSISTED: &str = "state_not_persisted";
 }
 
 /// How often the owner checks that running sandboxes are still alive, and
@@ -80,6 +83,8 @@ pub(crate) struct SandboxView {
     pub observed: Observed,
     /// Unix ms of the last proxy request; bumped by the proxy without the owner.
     pub activity: Arc<AtomicI64>,
+    /// Connections the proxy holds into the sandbox; counted by the proxy.
+    pub connections: Arc<AtomicUsize>,
     /// sandboxd is up, so the sandbox can be proxied to.
     pub reachable: bool,
 }
@@ -102,6 +107,7 @@ enum Busy {
 struct Entry {
     record: Record,
     activity: Arc<AtomicI64>,
+    connections: Arc<AtomicUsize>,
     busy: Busy,
     /// The driver holds a sandbox (alive or not) for this id.
     exists: bool,
@@ -110,6 +116,9 @@ struct Entry {
     watcher: Option<AbortHandle>,
     /// A failed stop or destroy is retried only after this instant.
     retry_at: Option<Instant>,
+    /// The record on disk is older than this one (a write failed); every tick
+    /// tries again.
+    dirty: bool,
 }
 
 impl Entry {
@@ -117,12 +126,34 @@ impl Entry {
         Self {
             record,
             activity: Arc::new(AtomicI64::new(0)),
+            connections: Arc::new(AtomicUsize::new(0)),
             busy: Busy::Idle,
             exists: false,
             dead: false,
             watcher: None,
             retry_at: None,
+            dirty: false,
         }
+    }
+
+    /// Writes the record; a failure is logged and marks the entry for a retry on
+    /// every tick. The observed state the node reports is the one in memory
+    /// either way.
+    fn persist(&mut self, records: &Records) -> Result<(), RecordError> {
+        let result = records.save(&self.record);
+        self.dirty = result.is_err();
+        if let Err(error) = &result {
+            tracing::warn!(id = %self.record.spec.id, error = %error_chain(error), "cannot write a sandbox record; retrying");
+        }
+        result
+    }
+
+    /// [`Entry::persist`] after a change that has happened whatever the disk
+    /// says (a sandbox that exited has exited): the record catches up on a later
+    /// tick, and until then a restarted node would find the record before it,
+    /// which it reconciles (a creating sandbox found alive counts as running).
+    fn persist_or_retry(&mut self, records: &Records) {
+        let _logged_and_retried = self.persist(records);
     }
 
     fn view(&self) -> SandboxView {
@@ -131,6 +162,7 @@ impl Entry {
             ports: self.record.spec.ports.clone(),
             observed: self.record.observed.clone(),
             activity: self.activity.clone(),
+            connections: self.connections.clone(),
             reachable: self.reachable(),
         }
     }
@@ -199,6 +231,9 @@ struct Desired {
 pub(crate) struct Owner {
     node: Arc<Node>,
     entries: BTreeMap<SandboxId, Entry>,
+    /// Sandboxes found running without a record, settled by the first desired
+    /// state (see [`Owner::settle_orphans`]).
+    orphans: Vec<SandboxId>,
     /// Shared so that a reconcile pass can walk it while it changes the table.
     desired: Option<Arc<BTreeMap<String, Desired>>>,
     events_tx: mpsc::UnboundedSender<Event>,
@@ -208,8 +243,9 @@ pub(crate) struct Owner {
 }
 
 impl Owner {
-    /// Builds the table from the records on disk and what the driver adopted.
-    pub fn new(node: Arc<Node>, records: Vec<Record>) -> Self {
+    /// Builds the table from the records on disk and what the driver adopted;
+    /// `orphans` are sandboxes the driver runs that have no record.
+    pub fn new(node: Arc<Node>, records: Vec<Record>, orphans: Vec<SandboxId>) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let mut entries = BTreeMap::new();
         for record in records {
@@ -235,13 +271,14 @@ impl Owner {
                     "the sandbox ended while the dataplane was down".to_owned(),
                 );
             }
-            let _ = node.records.save(&entry.record);
+            entry.persist_or_retry(&node.records);
             entries.insert(id, entry);
         }
         let (snapshot, _) = watch::channel(Snapshot::default());
         let owner = Self {
             node,
             entries,
+            orphans,
             desired: None,
             events_tx,
             events_rx,
@@ -321,6 +358,7 @@ impl Owner {
             // Until the server has spoken, keep everything as it is.
             return;
         };
+        self.settle_orphans(&desired);
         for (raw_id, want) in desired.iter() {
             if self.entries.contains_key(raw_id.as_str()) {
                 continue;
@@ -329,8 +367,19 @@ impl Owner {
                 tracing::warn!(id = %raw_id, "ignoring a desired sandbox with an invalid id");
                 continue;
             };
-            let entry = self.new_entry(&id, want);
-            let _ = self.node.records.save(&entry.record);
+            let mut entry = self.new_entry(&id, want);
+            // A sandbox is created only once its record is on disk (so a restarted
+            // node knows it); one whose record cannot be written is not created.
+            if let Err(error) = entry.persist(&self.node.records)
+                && entry.record.observed.phase == Phase::Creating
+            {
+                entry.record.observed.finish(
+                    Phase::Failed,
+                    reason::STATE_NOT_PERSISTED,
+                    None,
+                    format!("the node cannot write the sandbox's record: {}", error_chain(&error)),
+                );
+            }
             self.entries.insert(id, entry);
         }
         let now = Instant::now();
@@ -364,7 +413,7 @@ impl Owner {
                         None,
                         String::new(),
                     );
-                    let _ = self.node.records.save(&entry.record);
+                    entry.persist_or_retry(&self.node.records);
                 }
                 Action::Forget => {
                     self.entries.remove(&id);
@@ -372,6 +421,44 @@ impl Owner {
                         tracing::warn!(%id, %error, "cannot remove sandbox record");
                     }
                 }
+            }
+        }
+    }
+
+    /// Sandboxes found running without a record: those the server wants are
+    /// taken over with the spec it sent (a record is written for them now); the
+    /// rest get an entry with no record, which the pass destroys as for any
+    /// sandbox the server dropped.
+    fn settle_orphans(&mut self, desired: &BTreeMap<String, Desired>) {
+        for id in std::mem::take(&mut self.orphans) {
+            let wanted =
+                desired.get(id.as_str()).and_then(|want| Spec::from_proto(&want.spec).ok());
+            let mut entry = match wanted {
+                Some(spec) => {
+                    tracing::info!(%id, "taking over a running sandbox that had no record");
+                    let has_main = !spec.command.is_empty() || !spec.is_host_image();
+                    let mut observed = Observed::creating(reason::CREATING);
+                    observed.phase = Phase::Running;
+                    observed.reason.clear();
+                    observed.started_at_ms = now_ms();
+                    let mut entry = Entry::new(Record { spec, observed, has_main });
+                    entry.persist_or_retry(&self.node.records);
+                    entry
+                }
+                None => {
+                    tracing::warn!(%id, "destroying a sandbox the server does not want and no record names");
+                    Entry::new(Record {
+                        spec: Spec::placeholder(id.clone()),
+                        observed: Observed::creating(reason::CREATING),
+                        has_main: false,
+                    })
+                }
+            };
+            entry.exists = true;
+            let watch = entry.record.has_main && desired.contains_key(id.as_str());
+            self.entries.insert(id.clone(), entry);
+            if watch {
+                self.spawn_watcher(&id);
             }
         }
     }
@@ -394,19 +481,9 @@ impl Owner {
             }
             Err(error) => {
                 let spec = Spec {
-                    id: id.clone(),
                     namespace: want.spec.namespace.clone(),
                     image: want.spec.image.clone(),
-                    command: Vec::new(),
-                    env: BTreeMap::new(),
-                    working_dir: String::new(),
-                    user: String::new(),
-                    cpus: 0.0,
-                    memory_mb: 0,
-                    disk_mb: 0,
-                    pids: 0,
-                    internet: false,
-                    ports: Vec::new(),
+                    ..Spec::placeholder(id.clone())
                 };
                 let mut observed = Observed::creating(reason::CREATING);
                 observed.finish(Phase::Failed, reason::INVALID_SPEC, None, error.to_string());
@@ -484,7 +561,7 @@ impl Owner {
                         observed.phase = Phase::Running;
                         observed.reason.clear();
                         observed.started_at_ms = now_ms();
-                        let _ = self.node.records.save(&entry.record);
+                        entry.persist_or_retry(&self.node.records);
                         if has_main {
                             self.spawn_watcher(&id);
                         }
@@ -492,7 +569,7 @@ impl Owner {
                     Err(failure) => {
                         tracing::warn!(%id, reason = failure.reason, message = %failure.message, "sandbox create failed");
                         observed.finish(Phase::Failed, failure.reason, None, failure.message);
-                        let _ = self.node.records.save(&entry.record);
+                        entry.persist_or_retry(&self.node.records);
                     }
                 }
             }
@@ -508,7 +585,7 @@ impl Owner {
                             None,
                             String::new(),
                         );
-                        let _ = self.node.records.save(&entry.record);
+                        entry.persist_or_retry(&self.node.records);
                     }
                     Err(error) => {
                         tracing::warn!(%id, %error, "sandbox stop failed; retrying");
@@ -549,13 +626,25 @@ impl Owner {
                 // A signal is reported the way shells do: 128 + its number.
                 let code = code.or(signal.map(|s| 128 + s));
                 entry.record.observed.finish(Phase::Exited, reason, code, String::new());
-                let _ = self.node.records.save(&entry.record);
+                entry.persist_or_retry(&self.node.records);
+                // sandboxd killed what the command left; its network goes too, while
+                // its output and files stay readable until the server drops it.
+                let node = self.node.clone();
+                self.tasks.spawn(async move {
+                    if let Err(error) = node.driver.finish(&id).await {
+                        tracing::warn!(%id, error = %error_chain(&error), "cannot take a finished sandbox's network away");
+                    }
+                });
             }
         }
     }
 
-    /// Notices sandboxes whose PID 1 died.
+    /// Notices sandboxes whose PID 1 died, and writes records a failed write left
+    /// behind.
     fn check_alive(&mut self) {
+        for entry in self.entries.values_mut().filter(|e| e.dirty) {
+            entry.persist_or_retry(&self.node.records);
+        }
         for (id, entry) in &mut self.entries {
             if !entry.exists || entry.dead || entry.busy != Busy::Idle {
                 continue;
@@ -575,7 +664,7 @@ impl Owner {
                     None,
                     "the sandbox's init (sandboxd) exited".to_owned(),
                 );
-                let _ = self.node.records.save(&entry.record);
+                entry.persist_or_retry(&self.node.records);
             }
         }
     }
@@ -635,7 +724,11 @@ async fn create(node: &Node, spec: &Spec) -> Result<bool, Failure> {
         sandbox.user = Some(spec.user.clone());
     }
     sandbox.limits = limits(spec);
+    node.capacity
+        .check(&sandbox.limits)
+        .map_err(|message| Failure { reason: reason::INVALID_SPEC, message })?;
     sandbox.egress = if spec.internet { Egress::Internet } else { Egress::None };
+    sandbox.user_namespace = node.config.user_namespace;
     let has_main = sandbox.command.is_some();
     // The semaphore is never closed, so acquiring only waits.
     let _slot = node.create_slots.acquire().await;
@@ -665,10 +758,9 @@ fn limits(spec: &Spec) -> Limits {
 /// Returns `None` when there is nothing to report: sandboxd died (the owner's
 /// liveness check reports that) or no longer knows the process.
 async fn watch_main(node: &Node, id: &SandboxId) -> Option<Option<ExitInfo>> {
-    let socket = node.driver.sandboxd_socket(id);
     let mut delay = Duration::from_millis(20);
     loop {
-        match sandboxd::wait_process(&socket, hutch_isolate::MAIN_TAG).await {
+        match sandboxd::wait_process(&node.driver, id, hutch_isolate::MAIN_TAG).await {
             Ok(info) if info.status == ProcessStatus::Exited => return Some(info.exit),
             Ok(_) => continue,
             Err(SandboxdCallError::Status { status, body })

@@ -13,7 +13,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hutch_relay::{Backend, BoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -62,12 +62,30 @@ pub enum Route {
 pub struct BadRoute(pub &'static str);
 
 /// Serves the proxy on `listener` until `shutdown`.
+///
+/// Bounded everywhere a client could make it hold resources: at most
+/// `max_connections` client connections (the next is told so and closed), a
+/// request head must arrive within `header_timeout`, and connections into one
+/// sandbox are capped (see [`to_sandbox`]).
 pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let limits = state.node.config.proxy;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.header_timeout))
+        .keep_alive_timeout(limits.header_timeout)
+        .max_concurrent_streams(256);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -83,9 +101,14 @@ pub(crate) async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    connections.spawn(refuse_overloaded(stream));
+                    continue;
+                };
                 let builder = builder.clone();
                 let state = state.clone();
                 connections.spawn(async move {
+                    let _slot = slot;
                     let service = hyper::service::service_fn(move |req| {
                         let state = state.clone();
                         async move { Ok::<_, Infallible>(handle(&state, req).await) }
@@ -102,6 +125,44 @@ pub(crate) async fn serve(
         }
     }
     connections.shutdown().await;
+}
+
+/// Largest request head a client may send.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Answers a client the proxy has no room for with a plain HTTP/1.1 503 and
+/// closes; within a second, or not at all.
+async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt as _;
+    let body = r#"{"error":{"code":"too_many_connections","message":"the proxy holds as many connections as it may; try again later"}}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// One of a sandbox's connection slots, held for as long as the connection into
+/// it lives.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn try_take(count: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn handle(state: &ProxyState, req: Request<Incoming>) -> Response<BoxBody> {
@@ -181,21 +242,37 @@ async fn to_sandbox(
         }
     }
 
+    let Some(slot) = ConnectionSlot::try_take(
+        &view.connections,
+        state.node.config.proxy.max_connections_per_sandbox,
+    ) else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            "the sandbox already has as many connections as the proxy allows one sandbox",
+            None,
+        );
+    };
     let activity = view.activity.clone();
     let result = if port == SANDBOXD_PORT {
-        let socket = state.node.driver.sandboxd_socket(&view.id);
-        match tokio::net::UnixStream::connect(&socket).await {
+        match state.node.driver.connect_sandboxd(&view.id).await {
             Ok(stream) => {
-                let stream = ActivityStream { inner: stream, activity };
+                let stream = ActivityStream { inner: stream, activity, _slot: slot };
                 hutch_relay::forward(stream, Backend::Http1, req).await
             }
-            Err(e) => return unreachable(port, &e),
+            Err(e) => {
+                if let hutch_isolate::ConnectSandboxdError::WrongPeer { .. } = e {
+                    tracing::error!(id = %view.id, error = %e, "refusing a sandboxd socket served by another process");
+                }
+                return unreachable(port, &e);
+            }
         }
     } else {
         let backend = Backend::matching(req.version());
-        match state.node.driver.connect_port(&view.id, port).await {
+        let timeout = state.node.config.proxy.connect_timeout;
+        match state.node.driver.connect_port(&view.id, port, timeout).await {
             Ok(stream) => {
-                let stream = ActivityStream { inner: stream, activity };
+                let stream = ActivityStream { inner: stream, activity, _slot: slot };
                 hutch_relay::forward(stream, backend, req).await
             }
             Err(e) => return unreachable(port, &e),
@@ -213,6 +290,8 @@ async fn to_sandbox(
 struct ActivityStream<S> {
     inner: S,
     activity: Arc<AtomicI64>,
+    /// Released when the connection into the sandbox closes.
+    _slot: ConnectionSlot,
 }
 
 impl<S> ActivityStream<S> {

@@ -64,6 +64,26 @@ impl Spec {
         })
     }
 
+    /// A spec that names only the sandbox: for sandboxes the node must report
+    /// or remove without knowing what they were.
+    pub fn placeholder(id: SandboxId) -> Self {
+        Self {
+            id,
+            namespace: String::new(),
+            image: String::new(),
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            working_dir: String::new(),
+            user: String::new(),
+            cpus: 0.0,
+            memory_mb: 0,
+            disk_mb: 0,
+            pids: 0,
+            internet: false,
+            ports: Vec::new(),
+        }
+    }
+
     pub fn is_host_image(&self) -> bool {
         self.image.is_empty() || self.image == "host"
     }
@@ -341,7 +361,11 @@ fn replay(reader: impl io::BufRead, path: &Path, live: &mut BTreeMap<SandboxId, 
 fn rewrite(path: &Path, live: &BTreeMap<SandboxId, Vec<u8>>) -> Result<File, RecordError> {
     let temp = path.with_extension("log.tmp");
     let write = || -> io::Result<File> {
-        let mut file = File::create(&temp)?;
+        // The records hold tenants' environments (secrets, often): the owner only.
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?
+        };
         let mut buffer = io::BufWriter::new(&mut file);
         for bytes in live.values() {
             buffer.write_all(bytes)?;

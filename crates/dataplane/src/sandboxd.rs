@@ -1,7 +1,5 @@
 //! The few sandboxd calls the dataplane makes itself, over the sandbox's unix socket.
 
-use std::path::Path;
-
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hutch_api::ProcessInfo;
@@ -9,12 +7,8 @@ use hyper_util::rt::TokioIo;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SandboxdCallError {
-    #[error("connect to {path}")]
-    Connect {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("connect to sandboxd")]
+    Connect(#[from] hutch_isolate::ConnectSandboxdError),
     #[error("http exchange with sandboxd")]
     Http(#[from] hyper::Error),
     #[error("build request")]
@@ -28,12 +22,11 @@ pub(crate) enum SandboxdCallError {
 /// `GET /processes/{tag}/wait` with no timeout: returns once the process exited
 /// (or the connection broke, because sandboxd died).
 pub(crate) async fn wait_process(
-    socket: &Path,
+    driver: &hutch_isolate::Driver,
+    id: &hutch_isolate::SandboxId,
     tag: &str,
 ) -> Result<ProcessInfo, SandboxdCallError> {
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|source| {
-        SandboxdCallError::Connect { path: socket.display().to_string(), source }
-    })?;
+    let stream = driver.connect_sandboxd(id).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {

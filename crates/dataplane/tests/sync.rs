@@ -153,7 +153,9 @@ async fn a_command_killed_by_the_oom_killer_is_reported_with_reason_oom() -> any
     let node = TestNode::start("oom").await?;
     let id = new_id();
     let mut sandbox = spec(&id, &["/usr/bin/python3", "-c", "b = bytearray(400 << 20)"], &[]);
-    sandbox.resources = Some(hutch_proto::node::Resources { memory_mb: 96, ..Default::default() });
+    // Memory and disk share the cgroup: 96 + 16 MiB, far below what it asks.
+    sandbox.resources =
+        Some(hutch_proto::node::Resources { memory_mb: 96, disk_mb: 16, ..Default::default() });
     node.server.set_desired(vec![run(sandbox)]);
     let exited = node.server.wait_phase(&id, ObservedPhase::ObservedExited).await?;
     assert_eq!((exited.reason.as_str(), exited.exit_code), ("oom", Some(128 + 9)));

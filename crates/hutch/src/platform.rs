@@ -124,16 +124,24 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     // Registry settings come from the environment, as for `hutch dataplane`: a
     // password does not belong on a command line that `ps` shows. So does the
     // size of the network namespace pool, an operator's tuning knob.
-    const FROM_ENV: [&str; 3] =
-        ["HUTCH_REGISTRIES", "HUTCH_INSECURE_REGISTRIES", "HUTCH_NETNS_POOL"];
+    const FROM_ENV: [&str; 4] = [
+        "HUTCH_REGISTRIES",
+        "HUTCH_INSECURE_REGISTRIES",
+        "HUTCH_NETNS_POOL",
+        "HUTCH_USER_NAMESPACE",
+    ];
     let from_env = DataplaneConfig::from_yaml_and_env(
         None,
         std::env::vars().filter(|(key, _)| FROM_ENV.contains(&key.as_str())),
     )
-    .context("invalid HUTCH_REGISTRIES, HUTCH_INSECURE_REGISTRIES or HUTCH_NETNS_POOL")?;
+    .context(
+        "invalid HUTCH_REGISTRIES, HUTCH_INSECURE_REGISTRIES, HUTCH_NETNS_POOL or HUTCH_USER_NAMESPACE",
+    )?;
     config.registries = from_env.registries;
     config.insecure_registries = from_env.insecure_registries;
     config.netns_pool = from_env.netns_pool;
+    config.user_namespace = from_env.user_namespace;
+    let user_namespace = config.user_namespace;
     let dataplane = Dataplane::open(config).await.context("cannot start the dataplane")?;
 
     let admin_key = data_dir.join("admin.key");
@@ -143,6 +151,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     writeln!(out, "  grpc:      {grpc_addr}")?;
     writeln!(out, "  proxy:     http://{proxy_addr}")?;
     writeln!(out, "  admin key: {}", admin_key.display())?;
+    writeln!(out, "  isolation: {}", isolation(user_namespace))?;
     writeln!(out, "  network:   {}", if network { "internet and none" } else { "none only" })?;
     out.flush()?;
     drop(out);
@@ -209,11 +218,23 @@ pub async fn dataplane(args: DataplaneArgs) -> anyhow::Result<()> {
         config.proxy_url = format!("http://{}", SocketAddr::new(host, proxy_addr.port()));
     }
     let node_id = config.node_id.clone();
+    let user_namespace = config.user_namespace;
     let dataplane = Dataplane::open(config).await.context("cannot start the dataplane")?;
     println!("hutch dataplane {node_id}");
+    println!("  isolation: {}", isolation(user_namespace));
     println!("  proxy: http://{proxy_addr}");
     dataplane.run(proxy, shutdown_signal()).await.context("dataplane")?;
     Ok(())
+}
+
+/// How sandboxes are kept from the host, for the start-up lines.
+fn isolation(user_namespace: bool) -> &'static str {
+    if user_namespace {
+        "a user namespace per sandbox (root inside is an unprivileged host uid)"
+    } else {
+        "NO user namespaces (user_namespace: false): root in a sandbox is host root, \
+         held only by namespaces, capabilities and seccomp"
+    }
 }
 
 fn override_capacity(

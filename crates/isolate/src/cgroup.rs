@@ -244,12 +244,12 @@ impl SandboxCgroup {
         match self {
             Self::V1 { .. } => {
                 if let Some(dir) = self.dir("memory") {
-                    write(&dir.join("memory.limit_in_bytes"), limits.memory_bytes)?;
+                    write(&dir.join("memory.limit_in_bytes"), limits.memory_limit())?;
                     // Without swap accounting the file is absent and there is nothing
                     // to limit; with it, swap must not extend the memory limit.
                     let memsw = dir.join("memory.memsw.limit_in_bytes");
                     if memsw.exists() {
-                        write(&memsw, limits.memory_bytes)?;
+                        write(&memsw, limits.memory_limit())?;
                     }
                 }
                 if let Some(dir) = self.dir("cpu") {
@@ -262,7 +262,7 @@ impl SandboxCgroup {
             }
             Self::V2 { dir } => {
                 write(&dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
-                write(&dir.join("memory.max"), limits.memory_bytes)?;
+                write(&dir.join("memory.max"), limits.memory_limit())?;
                 write(&dir.join("memory.swap.max"), 0)?;
                 write(&dir.join("pids.max"), limits.pids)?;
             }
@@ -451,7 +451,7 @@ mod tests {
         let dir = root.path().join("hutch/hutch-abc");
         let file = |name: &str| fs::read_to_string(dir.join(name)).unwrap();
         assert_eq!(file("cpu.max"), "50000 100000");
-        assert_eq!(file("memory.max"), (64u64 << 20).to_string());
+        assert_eq!(file("memory.max"), ((64u64 << 20) + (1 << 20)).to_string());
         assert_eq!(file("memory.swap.max"), "0");
         assert_eq!(file("pids.max"), "100");
         assert_eq!(layout.existing_ids(), vec!["abc".to_owned()]);

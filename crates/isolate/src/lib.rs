@@ -19,6 +19,7 @@ mod cgroup;
 mod netns;
 mod rootfs;
 mod seccomp;
+mod socket;
 mod spawn;
 mod spec;
 mod state;
@@ -29,7 +30,6 @@ use std::ffi::{CString, NulError};
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -62,8 +62,18 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// File-descriptor limit of sandboxd and its processes (capped by our own hard limit:
 /// this host withholds CAP_SYS_RESOURCE).
 const NOFILE: u64 = 1 << 20;
-/// The directory under a sandbox's dir mounted at /.hutch/run.
-const SANDBOXD_DIR: &str = "sandboxd";
+/// sandboxd's socket in a sandbox's dir (see `socket.rs`).
+const SOCKET_NAME: &str = "sock";
+/// Where sandboxd of earlier versions bound its own socket: a directory under the
+/// sandbox's dir that was mounted at /.hutch/run, writable from inside until sealed.
+const LEGACY_SANDBOXD_DIR: &str = "sandboxd";
+/// The OOM score sandboxd gives every process it starts: the highest, so that in a
+/// sandbox out of memory the kernel kills one of them and never sandboxd (whose death
+/// ends the sandbox), and so that on a host out of memory sandboxes go first.
+const CHILD_OOM_SCORE_ADJ: i32 = 1000;
+/// How long a failed create keeps reading sandboxd's log once it has exited: a
+/// process of the sandbox may hold the pipe open.
+const LOG_DRAIN: Duration = Duration::from_millis(200);
 /// The directory under a sandbox's dir holding the mount points of a sandbox with a
 /// user namespace (see `userns.rs`).
 const MOUNT_POINTS_DIR: &str = "mnt";
@@ -120,6 +130,8 @@ pub enum CreateSandboxError {
     Nul(#[from] NulError),
     #[error("plan mounts")]
     Mounts(#[from] PlanMountsError),
+    #[error("refresh the host image")]
+    HostImage(#[from] PrepareImageError),
     #[error("create {path}")]
     Io {
         path: PathBuf,
@@ -148,8 +160,6 @@ pub enum CreateSandboxError {
     Wait(#[source] io::Error),
     #[error("attach the sandbox's network")]
     Network(#[from] hutch_net::AttachNetworkError),
-    #[error("make /.hutch/run read-only in the sandbox")]
-    Seal(#[source] io::Error),
     #[error("set up the sandbox's user namespace")]
     UserNamespace(#[from] SetUpUserNamespaceError),
 }
@@ -164,6 +174,14 @@ pub enum StopSandboxError {
     KillTimeout(Duration),
     #[error("kill processes in cgroup")]
     Cgroup(#[from] CgroupError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FinishSandboxError {
+    #[error("no sandbox {0}")]
+    NotFound(SandboxId),
+    #[error("detach the sandbox's network")]
+    Network(#[from] hutch_net::DetachNetworkError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,8 +248,32 @@ pub enum ConnectPortError {
         #[source]
         source: io::Error,
     },
-    #[error("spawn the connecting thread")]
+    #[error("nothing accepted a connection to 127.0.0.1:{port} in the sandbox within {after:?}")]
+    Timeout { port: u16, after: Duration },
+    #[error("create a socket in the sandbox's network namespace")]
+    Socket(#[source] io::Error),
+    #[error("run the connecting thread")]
     Thread(#[source] io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectSandboxdError {
+    #[error("no sandbox {0}")]
+    NotFound(SandboxId),
+    #[error("connect to {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("read the credentials of the socket's peer")]
+    PeerCredentials(#[source] io::Error),
+    /// The socket is not served by the sandbox's PID 1: something else listens on
+    /// the path. Never connected through.
+    #[error(
+        "the socket of sandbox {id} is served by pid {found}, not by its sandboxd (pid {expected})"
+    )]
+    WrongPeer { id: SandboxId, expected: i32, found: i32 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -320,6 +362,10 @@ struct Sandbox {
     cgroup: SandboxCgroup,
     /// Address on the host bridge (egress internet only).
     address: Option<Ipv4Addr>,
+    /// sandboxd's socket on the host.
+    socket: PathBuf,
+    /// [`Driver::finish`] took its network away.
+    finished: AtomicBool,
     stop_requested: AtomicBool,
     exit: Mutex<Option<ExitStatus>>,
 }
@@ -382,7 +428,7 @@ impl Sandbox {
             id: self.id.clone(),
             state: if exit.is_some() { SandboxState::Exited } else { SandboxState::Running },
             pid: self.pid,
-            address: self.address,
+            address: self.address.filter(|_| !self.finished.load(Ordering::Relaxed)),
             exit,
             reason,
             oom_kills,
@@ -531,24 +577,47 @@ impl Driver {
         self.cgroups.sandbox(id)
     }
 
-    /// Host path of sandboxd's unix socket in a sandbox.
+    /// Host path of sandboxd's unix socket in a sandbox. Tests and benches may
+    /// connect to it directly; the platform uses [`Driver::connect_sandboxd`], which
+    /// also checks who answers.
     pub fn sandboxd_socket(&self, id: &SandboxId) -> PathBuf {
-        self.sandboxd_dir(id.as_str()).join("sandboxd.sock")
+        match self.get(id) {
+            Some(sandbox) => sandbox.socket.clone(),
+            None => self.sandbox_dir(id.as_str()).join(SOCKET_NAME),
+        }
     }
 
-    /// The directory mounted at /.hutch/run in the sandbox.
-    fn sandboxd_dir(&self, id: &str) -> PathBuf {
-        self.sandbox_dir(id).join(SANDBOXD_DIR)
+    /// A connection to the sandbox's sandboxd, verified: the process listening on
+    /// the socket must be the sandbox's PID 1 (`SO_PEERCRED`), so a connection can
+    /// never end up at another sandbox's sandboxd or at any other socket on the host,
+    /// whatever a sandbox did to paths it could reach.
+    pub async fn connect_sandboxd(
+        &self,
+        id: &SandboxId,
+    ) -> Result<tokio::net::UnixStream, ConnectSandboxdError> {
+        let sandbox = self.get(id).ok_or_else(|| ConnectSandboxdError::NotFound(id.clone()))?;
+        let stream = socket::connect(&sandbox.socket).await.map_err(|source| {
+            ConnectSandboxdError::Connect { path: sandbox.socket.clone(), source }
+        })?;
+        let found =
+            socket::peer_pid(stream.as_raw_fd()).map_err(ConnectSandboxdError::PeerCredentials)?;
+        if found != sandbox.pid {
+            return Err(ConnectSandboxdError::WrongPeer {
+                id: id.clone(),
+                expected: sandbox.pid,
+                found,
+            });
+        }
+        Ok(stream)
     }
 
     /// Host side of a user namespace before the clone: mount points for the mounts the
-    /// parent places in the child's namespace (see `userns.rs`), and `/.hutch/run`
-    /// handed to the sandbox's root. The overlay's upper and work dirs need nothing:
-    /// the child makes them on a tmpfs it mounts itself, as its own root.
+    /// parent places in the child's namespace (see `userns.rs`). The overlay's upper
+    /// and work dirs need nothing: the child makes them on a tmpfs it mounts itself,
+    /// as its own root.
     fn prepare_user_namespace(
         &self,
         dir: &Path,
-        run: &Path,
         lowers: &[PathBuf],
     ) -> Result<UserNamespacePlan, CreateSandboxError> {
         let io_err = |path: &Path| {
@@ -577,7 +646,6 @@ impl Driver {
             target,
             idmap: false,
         });
-        userns::chown_to_root(run, self.user_ids).map_err(io_err(run))?;
         Ok(UserNamespacePlan {
             placements,
             lowers: relative_lowers,
@@ -626,19 +694,23 @@ impl Driver {
             is_child: true,
             cgroup,
             address: None,
+            socket: self.sandbox_dir(id.as_str()).join(SOCKET_NAME),
+            finished: AtomicBool::new(false),
             stop_requested: AtomicBool::new(false),
             exit: Mutex::new(None),
         };
-        let result = self.finish_start(&mut sandbox, network.as_deref(), started.sync_w).await;
+        let result = self
+            .finish_start(&mut sandbox, network.as_deref(), started.sync_w, started.host_image)
+            .await;
         let result = match result {
             Ok(()) => {
-                match self
-                    .wait_ready(&id, started.ready_r, started.err_r, &started.memory.plan().ops)
-                    .await
-                {
-                    Ok(()) => seal_sandboxd_dir(&sandbox.pidfd).await,
-                    Err(e) => Err(e),
-                }
+                self.wait_ready(
+                    started.ready_r,
+                    started.log_r,
+                    started.err_r,
+                    &started.memory.plan().ops,
+                )
+                .await
             }
             // The child closed its end of the sync pipe: it failed (and exited), and
             // said where.
@@ -657,7 +729,7 @@ impl Driver {
             drop(started.memory);
             return Err(e);
         }
-        // sandboxd answered, so the child has exec'd and left our memory.
+        // sandboxd is ready, so the child has exec'd and left our memory.
         drop(started.memory);
         let sandbox = Arc::new(sandbox);
         self.map().insert(id, sandbox.clone());
@@ -671,6 +743,7 @@ impl Driver {
         sandbox: &mut Sandbox,
         network: Option<&NetManager>,
         sync_w: OwnedFd,
+        host_image: Option<String>,
     ) -> Result<(), CreateSandboxError> {
         if let Some(network) = network {
             // Our unreaped child: its pid cannot be reused while we hold it.
@@ -685,6 +758,8 @@ impl Driver {
             start_time: proc_start_time(sandbox.pid).unwrap_or(0),
             cgroup: sandbox.cgroup.clone(),
             address: sandbox.address,
+            socket: Some(sandbox.socket.clone()),
+            host_image,
         }
         .write(&self.sandbox_dir(sandbox.id.as_str()))?;
         // Release the child: it is in its cgroups, wired and on record.
@@ -713,16 +788,23 @@ impl Driver {
     ) -> Result<Started, CreateSandboxError> {
         let id = &spec.id;
         let dir = self.sandbox_dir(id.as_str());
-        let run = self.sandboxd_dir(id.as_str());
         let io_err = |path: &Path| {
             let path = path.to_owned();
             move |source| CreateSandboxError::Io { path, source }
         };
-        for path in [&dir, &rootfs::scratch_dir(&dir), &run] {
+        for path in [&dir, &rootfs::scratch_dir(&dir)] {
             fs::create_dir(path).map_err(io_err(path))?;
         }
-        let lowers = rootfs::lower_dirs(&self.images, &spec.rootfs)?;
-        let userns = spec.user_namespace.then(|| self.prepare_user_namespace(&dir, &run, &lowers));
+        let host_image = match spec.rootfs {
+            Rootfs::Host => Some(self.images.host()?),
+            Rootfs::Layers { .. } => None,
+        };
+        let lowers = rootfs::lower_dirs(
+            &self.images,
+            host_image.as_deref().unwrap_or(Path::new("/nonexistent")),
+            &spec.rootfs,
+        )?;
+        let userns = spec.user_namespace.then(|| self.prepare_user_namespace(&dir, &lowers));
         let userns = userns.transpose()?;
         // A user namespace must own its network namespace (see `netns`).
         let pooled_netns =
@@ -732,19 +814,15 @@ impl Driver {
         // With a user namespace the plan names the sandbox's files relative to its
         // directory, the child's working directory: its root may not search the host
         // directories above (see `spawn_in`).
-        let relative_run = Path::new(".").join(SANDBOXD_DIR);
-        let (plan_dir, plan_run, sandboxd, plan_lowers) = match &userns {
-            None => (dir.as_path(), run.as_path(), self.config.sandboxd_path.as_path(), &lowers),
-            Some(userns) => {
-                (Path::new("."), relative_run.as_path(), userns.sandboxd.as_path(), &userns.lowers)
-            }
+        let (plan_dir, sandboxd, plan_lowers) = match &userns {
+            None => (dir.as_path(), self.config.sandboxd_path.as_path(), &lowers),
+            Some(userns) => (Path::new("."), userns.sandboxd.as_path(), &userns.lowers),
         };
         let ops = rootfs::plan_mounts(
             &self.images,
             &spec.rootfs,
             &rootfs::SandboxPaths {
                 dir: plan_dir,
-                run: plan_run,
                 sandboxd,
                 disk_bytes: spec.limits.disk_bytes,
                 lowers: plan_lowers,
@@ -770,15 +848,22 @@ impl Driver {
         let workdir = spec.working_dir.as_deref().unwrap_or("/");
         let workdir_ancestors = spec::working_dir_ancestors(workdir)
             .ok_or_else(|| CreateSandboxError::InvalidWorkingDir(workdir.to_owned()))?;
+        let listen = format!("fd:{}", spawn::LISTEN_FD);
+        let ready = spawn::READY_FD.to_string();
+        let oom = CHILD_OOM_SCORE_ADJ.to_string();
         let mut argv = vec![
             "/.hutch/sandboxd",
             "--listen",
-            "unix:/.hutch/run/sandboxd.sock",
+            &listen,
             "--ready-fd",
-            "3",
+            &ready,
+            "--child-oom-score-adj",
+            &oom,
         ];
         if let Some(command) = &spec.command {
-            argv.extend(["--main-tag", MAIN_TAG, "--"]);
+            // Once the main command exits the sandbox has ended: nothing of it may
+            // go on running (its output and files stay readable).
+            argv.extend(["--end-with-main", "--main-tag", MAIN_TAG, "--"]);
             argv.extend(command.iter().map(String::as_str));
         }
         let plan = ChildPlan {
@@ -811,21 +896,14 @@ impl Driver {
             loopback_up: pooled_netns.is_none(),
         };
 
-        let log_path = dir.join("sandboxd.log");
-        let log: OwnedFd = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&log_path)
-            .map_err(io_err(&log_path))?
-            .into();
-        let stdin: OwnedFd =
-            fs::File::open("/dev/null").map_err(io_err(Path::new("/dev/null")))?.into();
+        let socket_path = dir.join(SOCKET_NAME);
+        let listen = socket::bind(&socket_path).map_err(io_err(&socket_path))?;
         let pipe = || spawn::pipe().map_err(io_err(Path::new("pipe")));
+        let (log_r, log) = pipe()?;
         let (ready_r, ready_w) = pipe()?;
         let (sync_r, sync_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
-        let fds = ChildFds { stdin, log, ready_w, sync_r, err_w };
+        let fds = ChildFds { log, ready_w, listen, sync_r, err_w };
         let spawned = match userns {
             None => spawn::spawn(plan, &fds, pooled_netns.as_ref().map(AsFd::as_fd)),
             Some(_) => spawn::spawn_in(&dir, plan, &fds),
@@ -880,24 +958,45 @@ impl Driver {
             pidfd: spawned.pidfd,
             sync_w,
             ready_r,
+            log_r,
             err_r,
             memory: spawned.memory,
+            host_image: host_image
+                .and_then(|dir| dir.file_name().map(|n| n.to_string_lossy().into_owned())),
         })
     }
 
+    /// Waits for sandboxd's ready byte, reading its log meanwhile: the log is a pipe
+    /// (never a host file, see [`spawn::ChildFds`]) and sandboxd would block on a
+    /// full one. The last [`LOG_TAIL_BYTES`] are kept for the error of a failed
+    /// create; once sandboxd is ready the pipe is closed, and what it logs later is
+    /// discarded (writes fail with `EPIPE`, which sandboxd ignores).
     async fn wait_ready(
         &self,
-        id: &SandboxId,
         ready_r: OwnedFd,
+        log_r: OwnedFd,
         err_r: OwnedFd,
         ops: &[spawn::Op],
     ) -> Result<(), CreateSandboxError> {
         let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_r)
             .map_err(CreateSandboxError::Wait)?;
+        let mut log = tokio::net::unix::pipe::Receiver::from_owned_fd(log_r)
+            .map_err(CreateSandboxError::Wait)?;
+        let mut tail = LogTail::default();
         let mut byte = [0u8; 1];
-        let n = match tokio::time::timeout(READY_TIMEOUT, ready.read(&mut byte)).await {
-            Err(_) => return Err(CreateSandboxError::ReadyTimeout(READY_TIMEOUT)),
-            Ok(result) => result.map_err(CreateSandboxError::Wait)?,
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut log_open = true;
+        let deadline = tokio::time::sleep(READY_TIMEOUT);
+        tokio::pin!(deadline);
+        let n = loop {
+            tokio::select! {
+                result = ready.read(&mut byte) => break result.map_err(CreateSandboxError::Wait)?,
+                read = log.read(&mut chunk), if log_open => match read {
+                    Ok(0) | Err(_) => log_open = false,
+                    Ok(n) => tail.push(&chunk[..n]),
+                },
+                () = &mut deadline => return Err(CreateSandboxError::ReadyTimeout(READY_TIMEOUT)),
+            }
         };
         if n == 1 {
             return Ok(());
@@ -906,8 +1005,16 @@ impl Driver {
         if let Some(e) = child_failure(err_r, ops) {
             return Err(e);
         }
-        let log = self.sandbox_dir(id.as_str()).join("sandboxd.log");
-        Err(CreateSandboxError::SandboxdExited { output: log_tail(&log) })
+        let drain = async {
+            while log_open {
+                match log.read(&mut chunk).await {
+                    Ok(0) | Err(_) => log_open = false,
+                    Ok(n) => tail.push(&chunk[..n]),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LOG_DRAIN, drain).await;
+        Err(CreateSandboxError::SandboxdExited { output: tail.text() })
     }
 
     /// Stops a sandbox: SIGTERM to PID 1, then after `grace` SIGKILL to it and to every
@@ -921,6 +1028,39 @@ impl Driver {
         let sandbox = self.get(id).ok_or_else(|| StopSandboxError::NotFound(id.clone()))?;
         stop_sandbox(&sandbox, grace).await?;
         Ok(sandbox.info())
+    }
+
+    /// Creates and destroys a sandbox in a user namespace, to learn whether this
+    /// kernel runs them (they need idmapped mounts of the image layers, Linux
+    /// 5.12+, and an overlayfs that takes idmapped lower layers, 5.19+). The error
+    /// is the create's own.
+    pub async fn check_user_namespaces(&self) -> Result<(), CreateSandboxError> {
+        let id = SandboxId::new(format!("userns-probe-{}", std::process::id()))
+            .expect("a valid id: lower-case letters, digits and dashes");
+        let mut spec = SandboxSpec::new(id.clone());
+        spec.user_namespace = true;
+        spec.limits = Limits { memory_bytes: 32 << 20, disk_bytes: 1 << 20, ..Limits::default() };
+        self.create(spec).await?;
+        if let Err(error) = self.destroy(&id).await {
+            tracing::warn!(%id, error = %error, "cannot remove the user namespace probe");
+        }
+        Ok(())
+    }
+
+    /// Ends a sandbox whose main command exited but whose output and files must
+    /// stay readable: takes its network away (its veth, its address, its nft set
+    /// elements), so that nothing of it reaches the network, while sandboxd goes
+    /// on answering on its socket. sandboxd itself killed every other process when
+    /// the main command exited (`--end-with-main`). Idempotent.
+    pub async fn finish(&self, id: &SandboxId) -> Result<(), FinishSandboxError> {
+        let sandbox = self.get(id).ok_or_else(|| FinishSandboxError::NotFound(id.clone()))?;
+        if sandbox.finished.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let (Some(_), Some(network)) = (sandbox.address, self.network.as_deref()) {
+            network.detach(id.as_str()).await?;
+        }
+        Ok(())
     }
 
     /// Stops the sandbox if needed and removes every host artefact of it.
@@ -954,7 +1094,7 @@ impl Driver {
         let mut names: Vec<String> =
             entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
         names.sort();
-        for name in names {
+        for name in names.clone() {
             let Ok(id) = SandboxId::new(name.clone()) else {
                 continue;
             };
@@ -965,6 +1105,12 @@ impl Driver {
             let alive = state.as_ref().and_then(|s| Some((s, s.open_if_alive()?)));
             match alive {
                 Some((state, pidfd)) => {
+                    // A record of an earlier version names no socket: its sandboxd
+                    // bound one itself, which connect_sandboxd's peer check makes
+                    // safe to use.
+                    let socket = state.socket.clone().unwrap_or_else(|| {
+                        self.sandbox_dir(&name).join(LEGACY_SANDBOXD_DIR).join("sandboxd.sock")
+                    });
                     let sandbox = Arc::new(Sandbox {
                         id: id.clone(),
                         pid: state.pid,
@@ -972,6 +1118,8 @@ impl Driver {
                         is_child: false,
                         cgroup: state.cgroup.clone(),
                         address: state.address,
+                        socket,
+                        finished: AtomicBool::new(false),
                         stop_requested: AtomicBool::new(false),
                         exit: Mutex::new(None),
                     });
@@ -988,6 +1136,17 @@ impl Driver {
                 }
             }
         }
+        // Every `host` image a live sandbox was made from stays; the rest were left
+        // by changes of the host's files and go.
+        let mut host_images = HashSet::new();
+        for name in &names {
+            if let Ok(state) = StateFile::read(&self.sandbox_dir(name)) {
+                // A record of an earlier version does not say: keep the image every
+                // earlier version used.
+                host_images.insert(state.host_image.unwrap_or_else(|| "host-v1".to_owned()));
+            }
+        }
+        self.images.remove_unused_host_images(&host_images);
         Ok(report)
     }
 
@@ -1076,104 +1235,69 @@ impl Driver {
         let dir = self.sandbox_dir(id);
         // Only names we created, and never recursively: if a mount ever showed up in
         // the host namespace, a recursive delete could walk into the host's /usr.
-        for file in ["state.json", "sandboxd.log"] {
+        for file in ["state.json", SOCKET_NAME, "sandboxd.log"] {
             remove(&dir.join(file), |p| fs::remove_file(p))?;
         }
         remove(&rootfs::scratch_dir(&dir), |p| fs::remove_dir(p))?;
         remove_mount_points(&dir.join(MOUNT_POINTS_DIR))?;
-        // The sandboxd dir is writable from inside the sandbox, so it may hold
-        // anything, but never a mount (sandboxes cannot mount), and remove_dir_all
-        // does not follow symlinks.
-        remove(&self.sandboxd_dir(id), |p| fs::remove_dir_all(p))?;
+        // A sandbox of an earlier version could write its sandboxd dir, so it may
+        // hold anything, but never a mount (sandboxes cannot mount), and
+        // remove_dir_all does not follow symlinks.
+        remove(&dir.join(LEGACY_SANDBOXD_DIR), |p| fs::remove_dir_all(p))?;
         remove(&dir, |p| fs::remove_dir(p))?;
         Ok(())
     }
 
-    /// A TCP connection to `127.0.0.1:port` inside the sandbox's network namespace,
-    /// made from a short-lived thread that enters the namespace. This is how a proxy
-    /// reaches exposed ports even when the sandbox has no network.
+    /// A TCP connection to `127.0.0.1:port` inside the sandbox's network namespace.
+    /// This is how a proxy reaches exposed ports even when the sandbox has no
+    /// network.
+    ///
+    /// Only the socket is made inside the namespace (a socket belongs to the
+    /// namespace it was created in), by a blocking-pool thread that enters it for
+    /// that one call; the connect itself is asynchronous and gives up after
+    /// `timeout`. A sandbox that leaves connections hanging (a full backlog drops
+    /// SYNs) therefore ties up no thread of the node.
     pub async fn connect_port(
         &self,
         id: &SandboxId,
         port: u16,
+        timeout: Duration,
     ) -> Result<tokio::net::TcpStream, ConnectPortError> {
         let sandbox = self.get(id).ok_or_else(|| ConnectPortError::NotFound(id.clone()))?;
         if sandbox.poll_exit().is_some() {
             return Err(ConnectPortError::NotRunning(id.clone()));
         }
         let pidfd = sandbox.pidfd.try_clone().map_err(ConnectPortError::Setns)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("hutch-netns".into())
-            .spawn(move || {
-                let result = connect_in_netns(&pidfd, port);
-                let _ = tx.send(result);
-            })
-            .map_err(ConnectPortError::Thread)?;
-        let stream = rx
+        let socket = tokio::task::spawn_blocking(move || socket_in_netns(&pidfd))
             .await
-            .map_err(|_| ConnectPortError::Thread(io::Error::other("thread vanished")))??;
-        stream
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpStream::from_std(stream))
-            .map_err(|source| ConnectPortError::Connect { port, source })
+            .map_err(|e| ConnectPortError::Thread(io::Error::other(e)))??;
+        let address = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        match tokio::time::timeout(timeout, socket.connect(address)).await {
+            Ok(result) => result.map_err(|source| ConnectPortError::Connect { port, source }),
+            Err(_) => Err(ConnectPortError::Timeout { port, after: timeout }),
+        }
     }
 }
 
-/// Makes /.hutch/run read-only inside the sandbox once sandboxd has bound its socket.
-///
-/// The directory is shared with the host. Left writable, root in the sandbox could
-/// fill the host's /run, or swap the socket for a symlink to a host socket (say
-/// docker.sock) that the dataplane would then connect to. Connecting to a unix socket
-/// needs no write access, so sandboxd stays reachable. Sandboxes cannot remount
-/// (no CAP_SYS_ADMIN, and seccomp refuses mount).
-async fn seal_sandboxd_dir(pidfd: &OwnedFd) -> Result<(), CreateSandboxError> {
-    let pidfd = pidfd.try_clone().map_err(CreateSandboxError::Seal)?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("hutch-seal".into())
-        .spawn(move || {
-            let _ = tx.send(remount_read_only_in(&pidfd, c"/.hutch/run"));
-        })
-        .map_err(CreateSandboxError::Seal)?;
-    rx.await
-        .map_err(|_| CreateSandboxError::Seal(io::Error::other("thread vanished")))?
-        .map_err(CreateSandboxError::Seal)
-}
-
-/// On the calling thread (which must be about to exit): enters the mount namespace of
-/// the process behind `pidfd` and remounts `path` read-only.
-fn remount_read_only_in(pidfd: &OwnedFd, path: &std::ffi::CStr) -> io::Result<()> {
-    let check = |ret: libc::c_int| if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
-    // SAFETY: unshare(CLONE_FS) detaches this thread's root and cwd from the other
-    // threads' (setns into a mount namespace requires it); setns then only changes
-    // this thread; mount gets a NUL-terminated path. The thread exits right after.
-    unsafe {
-        check(libc::unshare(libc::CLONE_FS))?;
-        check(libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWNS))?;
-        check(libc::mount(
-            std::ptr::null(),
-            path.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND
-                | libc::MS_REMOUNT
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | libc::MS_NOEXEC,
-            std::ptr::null(),
-        ))
-    }
-}
-
-fn connect_in_netns(pidfd: &OwnedFd, port: u16) -> Result<std::net::TcpStream, ConnectPortError> {
-    // SAFETY: setns on this thread only (a thread may join another network namespace);
-    // the thread ends right after connecting.
-    if unsafe { libc::setns(pidfd.as_fd().as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-        return Err(ConnectPortError::Setns(io::Error::last_os_error()));
-    }
-    std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))
-        .map_err(|source| ConnectPortError::Connect { port, source })
+/// A non-blocking TCP socket made in the network namespace of the process behind
+/// `pidfd`, from the calling thread, which returns to its own namespace after.
+fn socket_in_netns(pidfd: &OwnedFd) -> Result<tokio::net::TcpSocket, ConnectPortError> {
+    let made = netns::while_in(pidfd.as_fd(), || {
+        // SAFETY: socket(2) with constant arguments; the result is checked.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(fd) }
+    })
+    .map_err(ConnectPortError::Setns)?
+    .map_err(ConnectPortError::Socket)?;
+    // SAFETY: a descriptor socket(2) just returned, owned by nobody else.
+    let stream = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(made) };
+    Ok(tokio::net::TcpSocket::from_std_stream(stream))
 }
 
 async fn stop_sandbox(sandbox: &Sandbox, grace: Duration) -> Result<(), StopSandboxError> {
@@ -1226,20 +1350,25 @@ fn remove(path: &Path, op: fn(&Path) -> io::Result<()>) -> Result<(), TeardownEr
     }
 }
 
-/// The last [`LOG_TAIL_BYTES`] of a log, trimmed, for an error message.
-fn log_tail(path: &Path) -> String {
-    let read = || -> io::Result<String> {
-        let mut file = fs::File::open(path)?;
-        let len = file.metadata()?.len();
-        io::Seek::seek(&mut file, io::SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
-        let mut bytes = Vec::new();
-        io::Read::read_to_end(&mut file, &mut bytes)?;
-        Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
-    };
-    match read() {
-        Ok(text) if text.is_empty() => "(no output)".to_owned(),
-        Ok(text) => text,
-        Err(e) => format!("(cannot read {}: {e})", path.display()),
+/// The last [`LOG_TAIL_BYTES`] of sandboxd's log, for the error of a failed create.
+#[derive(Debug, Default)]
+struct LogTail(std::collections::VecDeque<u8>);
+
+impl LogTail {
+    fn push(&mut self, bytes: &[u8]) {
+        let keep = LOG_TAIL_BYTES as usize;
+        let bytes = &bytes[bytes.len().saturating_sub(keep)..];
+        self.0.extend(bytes);
+        let excess = self.0.len().saturating_sub(keep);
+        self.0.drain(..excess);
+    }
+
+    fn text(&self) -> String {
+        let bytes: Vec<u8> = self.0.iter().copied().collect();
+        match String::from_utf8_lossy(&bytes).trim() {
+            "" => "(no output)".to_owned(),
+            text => text.to_owned(),
+        }
     }
 }
 
@@ -1280,10 +1409,14 @@ struct Started {
     /// Writing a byte releases the child; closing it unwritten makes the child exit.
     sync_w: OwnedFd,
     ready_r: OwnedFd,
+    /// Read end of sandboxd's stdout and stderr.
+    log_r: OwnedFd,
     err_r: OwnedFd,
     /// What the child reads until it execs; also names the step a failing child
     /// reports.
     memory: spawn::ChildMemory,
+    /// The name of the `host` image directory it was built from.
+    host_image: Option<String>,
 }
 
 /// What `start` needs for a sandbox with a user namespace.

@@ -37,34 +37,65 @@ pub enum PlanMountsError {
 /// Top-level directories of the host that the `host` image exposes read-only.
 const HOST_DIRS: [&str; 7] = ["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
-/// Entries of the host's /etc copied into the `host` image. Everything else (shadow,
-/// ssh keys, machine-id, credentials of host services) stays out.
-const HOST_ETC: [&str; 24] = [
-    "passwd",
-    "group",
+/// What of the host's /etc the `host` image carries: an allow-list of files and
+/// directories that configure programs and hold nothing secret. Everything else
+/// stays out: shadow, ssh keys, TLS private keys (`ssl/private`), machine-id,
+/// `environment`, credentials of host services, whatever an operator keeps there.
+/// Even within the list, a file that is not world-readable is left out: a secret
+/// dropped into an allowed directory must not reach sandboxes either.
+/// `passwd`, `group`, `hosts` and `resolv.conf` are generated (see
+/// [`build_host`]).
+const HOST_ETC: [&str; 30] = [
     "nsswitch.conf",
-    "resolv.conf",
     "host.conf",
     "gai.conf",
     "ld.so.cache",
     "ld.so.conf",
     "ld.so.conf.d",
     "alternatives",
-    "ssl",
-    "ca-certificates",
+    "ssl/certs",
+    "ssl/openssl.cnf",
     "ca-certificates.conf",
     "localtime",
     "timezone",
     "protocols",
     "services",
+    "networks",
+    "ethertypes",
+    "rpc",
     "mime.types",
     "os-release",
     "debian_version",
+    "issue",
+    "lsb-release",
     "profile",
     "bash.bashrc",
     "inputrc",
-    "environment",
+    "shells",
+    "login.defs",
+    "mailcap",
+    "magic",
+    "libaudit.conf",
 ];
+
+/// Sources of generated files: read (never copied) to build the `host` image's
+/// own `passwd`, `group` and `resolv.conf`, and watched for changes with the
+/// allow-list.
+const HOST_ETC_SOURCES: [&str; 4] =
+    ["/etc/passwd", "/etc/group", "/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"];
+
+/// Changed whenever what [`build_host`] writes changes, so that a new version never
+/// reuses a `host` image an old one built.
+const HOST_IMAGE_VERSION: &str = "host-image-2";
+
+/// How often a create may check whether the host's files changed (a few hundred
+/// `stat` calls).
+const HOST_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The first uid and gid of real users on Debian (`UID_MIN` in login.defs); the
+/// `host` image keeps only system accounts below it, and `nobody`.
+const FIRST_USER_ID: u32 = 1000;
+const NOBODY_ID: u32 = 65534;
 
 /// Docker's masked paths: files are covered with /dev/null, directories with an
 /// empty read-only tmpfs.
@@ -90,22 +121,33 @@ const READ_ONLY: [&str; 5] = ["proc/bus", "proc/fs", "proc/irq", "proc/sys", "pr
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 /// The directories prepared once per driver.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Images {
+    /// Where the image directories live.
+    root: PathBuf,
     /// Top layer of every sandbox: the mount points the driver needs.
     skeleton: PathBuf,
     /// The `host` image: symlinks like the host's, empty mount points for the host's
-    /// directories, a filtered /etc.
-    host: PathBuf,
+    /// directories, an allow-listed /etc. Rebuilt under a new name when the host's
+    /// files change (see [`Images::host`]).
+    host: std::sync::Mutex<HostImage>,
     /// Host directories bind-mounted read-only for the `host` image.
     host_binds: Vec<String>,
     /// Masked paths present on this kernel, with whether each is a directory.
     masked: Vec<(&'static str, bool)>,
 }
 
+#[derive(Debug)]
+struct HostImage {
+    dir: PathBuf,
+    fingerprint: String,
+    checked: std::time::Instant,
+}
+
 impl Images {
-    /// Builds `{images}/skeleton-v1` and `{images}/host-v1` unless they exist. They are
-    /// built under a temporary name and renamed, so a crash never leaves half an image.
+    /// Builds `{images}/skeleton-v2` unless it exists, and the `host` image for the
+    /// host's files as they are now. Both are built under a temporary name and
+    /// renamed, so a crash never leaves half an image.
     pub(crate) fn prepare(images: &Path) -> Result<Self, PrepareImageError> {
         let io = |path: &Path| {
             let path = path.to_owned();
@@ -113,26 +155,22 @@ impl Images {
         };
         fs::create_dir_all(images).map_err(io(images))?;
 
-        let skeleton = images.join("skeleton-v1");
+        let skeleton = images.join("skeleton-v2");
         if !skeleton.exists() {
-            let tmp = images.join(format!("skeleton-v1.tmp{}", std::process::id()));
+            let tmp = images.join(format!("skeleton-v2.tmp{}", std::process::id()));
             build_skeleton(&tmp).map_err(io(&tmp))?;
             fs::rename(&tmp, &skeleton).map_err(io(&skeleton))?;
         }
 
         let mut host_binds = Vec::new();
-        let host = images.join("host-v1");
         for name in HOST_DIRS {
             let path = Path::new("/").join(name);
             if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
                 host_binds.push(name.to_owned());
             }
         }
-        if !host.exists() {
-            let tmp = images.join(format!("host-v1.tmp{}", std::process::id()));
-            build_host(&tmp).map_err(io(&tmp))?;
-            fs::rename(&tmp, &host).map_err(io(&host))?;
-        }
+        let fingerprint = host_fingerprint();
+        let dir = ensure_host_image(images, &fingerprint)?;
 
         let masked = MASKED
             .iter()
@@ -141,18 +179,151 @@ impl Images {
                 Some((*p, meta.is_dir()))
             })
             .collect();
-        Ok(Self { skeleton, host, host_binds, masked })
+        Ok(Self {
+            root: images.to_owned(),
+            skeleton,
+            host: std::sync::Mutex::new(HostImage {
+                dir,
+                fingerprint,
+                checked: std::time::Instant::now(),
+            }),
+            host_binds,
+            masked,
+        })
     }
+
+    /// The current `host` image directory. At most every [`HOST_CHECK_INTERVAL`]
+    /// it checks whether the host's allow-listed files changed, and if they did
+    /// builds a new image: a sandbox created afterwards sees the host's new
+    /// certificates or time zone, while running sandboxes keep the directory they
+    /// were created with (removed by [`Images::remove_unused_host_images`] once none
+    /// uses it).
+    pub(crate) fn host(&self) -> Result<PathBuf, PrepareImageError> {
+        let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
+        if host.checked.elapsed() >= HOST_CHECK_INTERVAL {
+            host.checked = std::time::Instant::now();
+            let fingerprint = host_fingerprint();
+            if fingerprint != host.fingerprint {
+                host.dir = ensure_host_image(&self.root, &fingerprint)?;
+                host.fingerprint = fingerprint;
+                tracing::info!(dir = %host.dir.display(), "the host's files changed: new host image");
+            }
+        }
+        Ok(host.dir.clone())
+    }
+
+    /// Removes `host` image directories other than the current one and those in
+    /// `in_use` (directory names). Nothing in them is ever a mount on the host, but
+    /// they are removed without following symlinks all the same.
+    pub(crate) fn remove_unused_host_images(&self, in_use: &std::collections::HashSet<String>) {
+        let current = self.host.lock().unwrap_or_else(|e| e.into_inner()).dir.clone();
+        let Ok(entries) = fs::read_dir(&self.root) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("host-") || in_use.contains(&name) || entry.path() == current {
+                continue;
+            }
+            if let Err(error) = fs::remove_dir_all(entry.path()) {
+                tracing::warn!(dir = %entry.path().display(), %error, "cannot remove an old host image");
+            }
+        }
+    }
+}
+
+/// The `host` image directory for `fingerprint`, built if it does not exist.
+fn ensure_host_image(images: &Path, fingerprint: &str) -> Result<PathBuf, PrepareImageError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PrepareImageError::Io { path, source }
+    };
+    let host = images.join(format!("host-{fingerprint}"));
+    if !host.exists() {
+        let tmp = images.join(format!("host-{fingerprint}.tmp{}", std::process::id()));
+        build_host(&tmp).map_err(io(&tmp))?;
+        fs::rename(&tmp, &host).map_err(io(&host))?;
+    }
+    Ok(host)
+}
+
+/// A digest of everything [`build_host`] reads: names, types, sizes, modification
+/// times and link targets of the allow-listed files and of the generated files'
+/// sources. Cheap enough to compute on a create now and then.
+fn host_fingerprint() -> String {
+    use sha2::Digest as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(HOST_IMAGE_VERSION);
+    let mut visit = |path: &Path| {
+        let mut stack = vec![path.to_owned()];
+        while let Some(path) = stack.pop() {
+            hasher.update(path.as_os_str().as_encoded_bytes());
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                hasher.update(b"\0missing");
+                continue;
+            };
+            hasher.update(format!(
+                "\0{:o} {} {} {}",
+                meta.mode(),
+                meta.size(),
+                meta.mtime(),
+                meta.mtime_nsec()
+            ));
+            if meta.file_type().is_symlink() {
+                if let Ok(target) = fs::read_link(&path) {
+                    hasher.update(target.as_os_str().as_encoded_bytes());
+                }
+            } else if meta.is_dir()
+                && let Ok(entries) = fs::read_dir(&path)
+            {
+                let mut children: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+                children.sort();
+                stack.extend(children.into_iter().rev());
+            }
+        }
+    };
+    for name in HOST_ETC {
+        visit(&Path::new("/etc").join(name));
+    }
+    for source in HOST_ETC_SOURCES {
+        visit(Path::new(source));
+    }
+    for dir in python_etc_dirs() {
+        visit(&dir);
+    }
+    // The top-level directories only as far as the image mirrors them: whether
+    // each is a directory or a symlink, and where the link points.
+    for name in HOST_DIRS {
+        let path = Path::new("/").join(name);
+        let kind = fs::symlink_metadata(&path).map(|m| m.file_type());
+        hasher.update(format!(
+            "{name}:{:?}:{:?}",
+            kind.map(|k| k.is_symlink()).ok(),
+            fs::read_link(&path).ok()
+        ));
+    }
+    hex::encode(&hasher.finalize()[..8])
 }
 
 fn build_skeleton(dir: &Path) -> io::Result<()> {
     let _ = fs::remove_dir_all(dir);
-    for sub in ["", "proc", "dev", "sys", "tmp", ".hutch", ".hutch/run"] {
+    for sub in ["", "proc", "dev", "sys", "tmp", ".hutch"] {
         fs::create_dir(dir.join(sub))?;
     }
     fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777))?;
     fs::write(dir.join(".hutch/sandboxd"), b"")?;
     Ok(())
+}
+
+/// `/etc/python3*`: python3.11 and friends keep their site configuration there.
+fn python_etc_dirs() -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir("/etc") else { return Vec::new() };
+    let mut dirs: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("python3")))
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs
 }
 
 fn build_host(dir: &Path) -> io::Result<()> {
@@ -182,6 +353,7 @@ fn build_host(dir: &Path) -> io::Result<()> {
         ("var/cache", 0o755),
         ("var/log", 0o755),
         ("etc", 0o755),
+        ("etc/ssl", 0o755),
     ] {
         fs::create_dir(dir.join(sub))?;
         fs::set_permissions(dir.join(sub), fs::Permissions::from_mode(mode))?;
@@ -190,14 +362,18 @@ fn build_host(dir: &Path) -> io::Result<()> {
     for name in HOST_ETC {
         copy_tree(&Path::new("/etc").join(name), &etc.join(name))?;
     }
-    // python3.11 and friends keep their site configuration in /etc/python3*.
-    for entry in fs::read_dir("/etc")? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name.to_str().is_some_and(|n| n.starts_with("python3")) {
-            copy_tree(&entry.path(), &etc.join(&name))?;
+    for source in python_etc_dirs() {
+        if let Some(name) = source.file_name() {
+            copy_tree(&source, &etc.join(name))?;
         }
     }
+    let read = |path: &str| fs::read_to_string(path).unwrap_or_default();
+    fs::write(etc.join("passwd"), system_accounts(&read("/etc/passwd"), 2))?;
+    fs::write(etc.join("group"), system_accounts(&read("/etc/group"), 2))?;
+    fs::write(
+        etc.join("resolv.conf"),
+        resolv_conf(&read("/etc/resolv.conf"), &read("/run/systemd/resolve/resolv.conf")),
+    )?;
     // Our own hosts file: the host's may name machines on its network.
     fs::write(
         etc.join("hosts"),
@@ -206,7 +382,62 @@ fn build_host(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Copies a file, symlink or directory tree; a missing source is skipped.
+/// The system accounts of a `passwd` or `group` file (`id_field` is where the
+/// numeric id is): ids below [`FIRST_USER_ID`] and `nobody`, with no password
+/// field and, for groups, no members (members name real users). The host's
+/// real users are nobody's business inside a sandbox.
+fn system_accounts(text: &str, id_field: usize) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut fields: Vec<&str> = line.split(':').collect();
+        let Some(id) = fields.get(id_field).and_then(|id| id.parse::<u32>().ok()) else {
+            continue;
+        };
+        if (id >= FIRST_USER_ID && id != NOBODY_ID) || fields.len() < 4 {
+            continue;
+        }
+        fields[1] = "x";
+        if id_field == 2 && fields.len() == 4 {
+            // A group line: name:x:gid:members.
+            fields[3] = "";
+        }
+        out.push_str(&fields.join(":"));
+        out.push('\n');
+    }
+    out
+}
+
+/// A resolv.conf for sandboxes: the host's name servers, except loopback ones,
+/// which a sandbox cannot reach (its loopback is its own). A host that uses a
+/// local stub resolver (systemd-resolved's 127.0.0.53) has its real upstreams in
+/// `upstream`. Search domains stay out: they name the host's own network.
+fn resolv_conf(host: &str, upstream: &str) -> String {
+    let servers = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|line| line.trim().strip_prefix("nameserver"))
+            .map(|rest| rest.trim().to_owned())
+            .filter(|server| server.parse::<std::net::IpAddr>().is_ok_and(|ip| !ip.is_loopback()))
+            .collect()
+    };
+    let mut found = servers(host);
+    if found.is_empty() {
+        found = servers(upstream);
+    }
+    let options: Vec<&str> =
+        host.lines().map(str::trim).filter(|line| line.starts_with("options ")).collect();
+    let mut out = String::from("# Written by Hutch from the host's name servers.\n");
+    for server in found.iter().take(3) {
+        out.push_str(&format!("nameserver {server}\n"));
+    }
+    for line in options {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Copies a file, symlink or directory tree; a missing source is skipped, and so
+/// is every file that is not world-readable (see [`HOST_ETC`]).
 fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     let meta = match fs::symlink_metadata(src) {
         Ok(meta) => meta,
@@ -217,6 +448,9 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     if kind.is_symlink() {
         symlink(fs::read_link(src)?, dst)
     } else if kind.is_dir() {
+        if meta.permissions().mode() & 0o005 != 0o005 {
+            return Ok(());
+        }
         fs::create_dir(dst)?;
         fs::set_permissions(dst, meta.permissions())?;
         for entry in fs::read_dir(src)? {
@@ -225,6 +459,9 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
         }
         Ok(())
     } else if kind.is_file() {
+        if meta.permissions().mode() & 0o004 == 0 {
+            return Ok(());
+        }
         fs::copy(src, dst).map(drop)
     } else {
         Ok(())
@@ -238,8 +475,6 @@ pub(crate) struct SandboxPaths<'a> {
     /// mounted on its [`scratch_dir`] to hold the overlay's upper, work and merged
     /// dirs, so the host sees none of them.
     pub dir: &'a Path,
-    /// The host directory mounted at /.hutch/run.
-    pub run: &'a Path,
     pub sandboxd: &'a Path,
     pub disk_bytes: u64,
     /// The overlay's lower dirs, top first (see [`lower_dirs`]).
@@ -255,11 +490,12 @@ pub(crate) struct SandboxPaths<'a> {
 /// layers or the `host` image's directory.
 pub(crate) fn lower_dirs(
     images: &Images,
+    host: &Path,
     rootfs: &Rootfs,
 ) -> Result<Vec<PathBuf>, PlanMountsError> {
     let mut lowers = vec![images.skeleton.clone()];
     match rootfs {
-        Rootfs::Host => lowers.push(images.host.clone()),
+        Rootfs::Host => lowers.push(host.to_owned()),
         Rootfs::Layers { lower } => {
             if lower.is_empty() {
                 return Err(PlanMountsError::NoLayers);
@@ -435,7 +671,6 @@ pub(crate) fn plan_mounts(
     }
 
     bind(&mut ops, utf8(paths.sandboxd)?, &at(".hutch/sandboxd"), true, NOSUID | NODEV)?;
-    bind(&mut ops, utf8(paths.run)?, &at(".hutch/run"), false, NOSUID | NODEV | NOEXEC)?;
     Ok(ops)
 }
 
@@ -451,4 +686,43 @@ fn bind(
     let ro = if read_only { libc::MS_RDONLY } else { 0 };
     ops.push(Op::mount(None, target, None, libc::MS_BIND | libc::MS_REMOUNT | ro | flags, None)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_system_accounts_reach_the_host_image() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n\
+                      alice:$6$salt$hash:1000:1000:Alice:/home/alice:/bin/bash\n\
+                      nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\
+                      broken line\n";
+        assert_eq!(
+            system_accounts(passwd, 2),
+            "root:x:0:0:root:/root:/bin/bash\n\
+             daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n\
+             nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        );
+        let group = "root:x:0:\nsudo:x:27:alice,bob\nalice:x:1000:\nnogroup:x:65534:\n";
+        assert_eq!(system_accounts(group, 2), "root:x:0:\nsudo:x:27:\nnogroup:x:65534:\n");
+    }
+
+    #[test]
+    fn resolv_conf_skips_loopback_stubs_and_search_domains() {
+        let host = "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch corp.example\n";
+        let upstream = "nameserver 10.0.0.2\nnameserver 192.0.2.53\nsearch corp.example\n";
+        let text = resolv_conf(host, upstream);
+        assert!(text.contains("nameserver 10.0.0.2\nnameserver 192.0.2.53\n"), "{text}");
+        assert!(text.contains("options edns0 trust-ad"), "{text}");
+        assert!(!text.contains("127.0.0.53") && !text.contains("search"), "{text}");
+        let direct = resolv_conf("nameserver 10.255.255.53\n", "");
+        assert!(direct.contains("nameserver 10.255.255.53\n"), "{direct}");
+    }
+
+    #[test]
+    fn the_host_fingerprint_is_stable_while_nothing_changes() {
+        assert_eq!(host_fingerprint(), host_fingerprint());
+    }
 }

@@ -301,7 +301,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_sigaltstack,
     libc::SYS_signalfd,
     libc::SYS_signalfd4,
-    libc::SYS_socketpair,
     libc::SYS_splice,
     libc::SYS_stat,
     libc::SYS_statfs,
@@ -363,8 +362,22 @@ const CLONE_NAMESPACE_FLAGS: u32 = 0x7E02_0000;
 /// PER_LINUX32|UNAME26 and the query value. Notably not ADDR_NO_RANDOMIZE.
 const ALLOWED_PERSONALITIES: [u32; 5] = [0x0, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff];
 
-/// `AF_VSOCK`, the one socket family Docker refuses: it reaches the hypervisor.
-const AF_VSOCK: u32 = 40;
+/// The socket families a sandbox may create: Unix, IPv4, IPv6, netlink (what `ip`
+/// and glibc's interface lookups use) and packet (raw frames; CAP_NET_RAW inside).
+///
+/// An allow-list, as Docker's profile had from 2016 (moby#29076) until that broke
+/// `socketcall` on 32-bit and was reverted: every other family fails with EPERM,
+/// among them AF_ALG (the kernel crypto API: CVE-2026-31431's page-cache write,
+/// which Docker now refuses too), AF_VSOCK (the hypervisor, Docker's other refusal),
+/// and the dozens of rarely audited ones (TIPC, RDS, X.25, Bluetooth, ...). This
+/// filter admits only the native x86_64 convention, which has no `socketcall`.
+const ALLOWED_SOCKET_FAMILIES: [u32; 5] = [
+    libc::AF_UNIX as u32,
+    libc::AF_INET as u32,
+    libc::AF_INET6 as u32,
+    libc::AF_NETLINK as u32,
+    libc::AF_PACKET as u32,
+];
 
 /// A classic BPF program as `seccomp(SECCOMP_SET_MODE_FILTER)` takes it.
 pub type BpfProgram = Vec<libc::sock_filter>;
@@ -382,8 +395,11 @@ enum Verdict {
     Clone,
     /// `personality`: Docker's values only.
     Personality,
-    /// `socket`: every family but `AF_VSOCK`.
+    /// `socket`: [`ALLOWED_SOCKET_FAMILIES`] only.
     Socket,
+    /// `socketpair`: `AF_UNIX` only (the one family where a pair means anything
+    /// beyond what `socket` allows).
+    SocketPair,
 }
 
 /// One past the highest syscall number the table spells out; everything from here
@@ -397,6 +413,7 @@ fn verdict_of(nr: u32) -> Verdict {
         libc::SYS_clone3 => Verdict::Enosys,
         libc::SYS_personality => Verdict::Personality,
         libc::SYS_socket => Verdict::Socket,
+        libc::SYS_socketpair => Verdict::SocketPair,
         _ if ALLOWED.contains(&nr) => Verdict::Allow,
         _ => Verdict::Eperm,
     }
@@ -410,7 +427,7 @@ fn verdict_of(nr: u32) -> Verdict {
 /// because a seccompiler filter has a single match action). The kernel
 /// checks, converts and JIT-compiles every instruction on install, and then runs the
 /// program once per syscall number to fill its cache of always-allowed calls; for
-/// sandboxes created in a burst that was 7 % of all CPU. This program has 158
+/// sandboxes created in a burst that was 7 % of all CPU. This program has 169
 /// instructions, and any syscall the cache does not cover takes about ten
 /// comparisons instead of hundreds.
 ///
@@ -485,24 +502,23 @@ fn leaf(verdict: Verdict) -> BpfProgram {
             stmt(RET_K, RET_EPERM),
             stmt(RET_K, libc::SECCOMP_RET_ALLOW),
         ],
-        Verdict::Personality => {
-            let mut code = vec![stmt(LD_W_ABS, ARG0_LOW)];
-            let n = ALLOWED_PERSONALITIES.len();
-            for (i, persona) in ALLOWED_PERSONALITIES.iter().enumerate() {
-                // Matched: jump past the remaining comparisons and the refusal.
-                code.push(jump(JEQ_K, *persona, (n - i) as u8, 0));
-            }
-            code.push(stmt(RET_K, RET_EPERM));
-            code.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
-            code
-        }
-        Verdict::Socket => vec![
-            stmt(LD_W_ABS, ARG0_LOW),
-            jump(JEQ_K, AF_VSOCK, 0, 1),
-            stmt(RET_K, RET_EPERM),
-            stmt(RET_K, libc::SECCOMP_RET_ALLOW),
-        ],
+        Verdict::Personality => one_of(ARG0_LOW, &ALLOWED_PERSONALITIES),
+        Verdict::Socket => one_of(ARG0_LOW, &ALLOWED_SOCKET_FAMILIES),
+        Verdict::SocketPair => one_of(ARG0_LOW, &[libc::AF_UNIX as u32]),
     }
+}
+
+/// Allows the call when the 32-bit word at `offset` is one of `values`, else EPERM.
+fn one_of(offset: u32, values: &[u32]) -> BpfProgram {
+    let mut code = vec![stmt(LD_W_ABS, offset)];
+    let n = values.len();
+    for (i, value) in values.iter().enumerate() {
+        // Matched: jump past the remaining comparisons and the refusal.
+        code.push(jump(JEQ_K, *value, (n - i) as u8, 0));
+    }
+    code.push(stmt(RET_K, RET_EPERM));
+    code.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
+    code
 }
 
 const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
@@ -613,8 +629,9 @@ mod tests {
             Verdict::Enosys => ENOSYS,
             Verdict::Clone if args[0] as u32 & CLONE_NAMESPACE_FLAGS == 0 => ALLOW,
             Verdict::Personality if ALLOWED_PERSONALITIES.contains(&(args[0] as u32)) => ALLOW,
-            Verdict::Socket if args[0] as u32 != AF_VSOCK => ALLOW,
-            Verdict::Clone | Verdict::Personality | Verdict::Socket => EPERM,
+            Verdict::Socket if ALLOWED_SOCKET_FAMILIES.contains(&(args[0] as u32)) => ALLOW,
+            Verdict::SocketPair if args[0] as u32 == libc::AF_UNIX as u32 => ALLOW,
+            Verdict::Clone | Verdict::Personality | Verdict::Socket | Verdict::SocketPair => EPERM,
         };
         let argument_sets = [[0; 6], [u64::MAX; 6], [libc::SIGCHLD as u64, 1, 2, 3, 4, 5]];
         for nr in (0..2048).chain([0x3fff_ffff, u32::MAX >> 2]) {
@@ -708,17 +725,22 @@ mod tests {
     }
 
     #[test]
-    fn socket_admits_every_family_but_vsock() {
-        for family in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6, libc::AF_NETLINK] {
+    fn socket_admits_only_the_allowed_families() {
+        for family in
+            [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6, libc::AF_NETLINK, libc::AF_PACKET]
+        {
             let args = [family as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0];
             assert_eq!(verdict(libc::SYS_socket, args), ALLOW, "family {family}");
         }
-        assert_eq!(verdict(libc::SYS_socket, [AF_VSOCK.into(), 1, 0, 0, 0, 0]), EPERM);
+        for family in [libc::AF_ALG, libc::AF_VSOCK, libc::AF_TIPC, libc::AF_RDS, 0, 46, 255] {
+            let args = [family as u64, libc::SOCK_SEQPACKET as u64, 0, 0, 0, 0];
+            assert_eq!(verdict(libc::SYS_socket, args), EPERM, "family {family}");
+        }
         // The kernel reads the family as an int: high bits must not smuggle it past.
-        assert_eq!(
-            verdict(libc::SYS_socket, [1 << 32 | u64::from(AF_VSOCK), 1, 0, 0, 0, 0]),
-            EPERM
-        );
+        let alg = libc::AF_ALG as u64;
+        assert_eq!(verdict(libc::SYS_socket, [1 << 32 | alg, 5, 0, 0, 0, 0]), EPERM);
+        assert_eq!(verdict(libc::SYS_socketpair, [libc::AF_UNIX as u64, 1, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(verdict(libc::SYS_socketpair, [libc::AF_TIPC as u64, 1, 0, 0, 0, 0]), EPERM);
     }
 
     #[test]

@@ -145,14 +145,27 @@ pub(crate) struct ChildPlan {
 }
 
 /// File descriptors handed to the child; all close-on-exec in the parent.
+///
+/// None of them names a host file: sandboxd's stdout and stderr are a pipe the
+/// driver reads, its stdin is the sandbox's own `/dev/null` (opened after
+/// `pivot_root`), and its listening socket is one the driver bound. A process in
+/// the sandbox that reopens one of them through `/proc/1/fd` gets a pipe or
+/// nothing, never a file on the host.
 #[derive(Debug)]
 pub(crate) struct ChildFds {
-    pub stdin: OwnedFd,
+    /// Write end of the log pipe: sandboxd's stdout and stderr.
     pub log: OwnedFd,
+    /// Write end of the ready pipe: sandboxd's fd 3.
     pub ready_w: OwnedFd,
+    /// The socket sandboxd listens on: its fd 4 (see `socket.rs`).
+    pub listen: OwnedFd,
     pub sync_r: OwnedFd,
     pub err_w: OwnedFd,
 }
+
+/// Where sandboxd finds the ready pipe and its socket.
+pub(crate) const READY_FD: RawFd = 3;
+pub(crate) const LISTEN_FD: RawFd = 4;
 
 /// The child as seen by the parent.
 #[derive(Debug)]
@@ -246,9 +259,9 @@ pub(crate) fn spawn(
         envp: Vec::new(),
         fprogs: Vec::new(),
         fds: [
-            fds.stdin.as_raw_fd(),
             fds.log.as_raw_fd(),
             fds.ready_w.as_raw_fd(),
+            fds.listen.as_raw_fd(),
             fds.sync_r.as_raw_fd(),
             fds.err_w.as_raw_fd(),
         ],
@@ -328,7 +341,7 @@ struct Shared {
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
     fprogs: Vec<SockFprog>,
-    /// stdin, log, ready_w, sync_r, err_w.
+    /// log, ready_w, listen, sync_r, err_w.
     fds: [RawFd; 5],
     /// Non-zero while the child may still run in our memory; the kernel zeroes it
     /// (`CLONE_CHILD_CLEARTID`) when the child execs or exits.
@@ -585,16 +598,16 @@ unsafe fn child_main(raw: &Shared) -> ! {
         let empty: u64 = 0;
         sys!(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, 0, 8);
 
-        // Move our descriptors above 3 so that the dup3 onto 0..=3 below cannot clobber
-        // one.
+        // Move our descriptors above LISTEN_FD so that the dup3 onto 0..=LISTEN_FD
+        // below cannot clobber one.
         let mut fds = [0 as RawFd; 5];
         for (i, fd) in raw.fds.iter().enumerate() {
             fds[i] = check!(
                 STEP_BASE + Step::MoveFds as u32,
-                sys!(libc::SYS_fcntl, *fd, libc::F_DUPFD_CLOEXEC, 4)
+                sys!(libc::SYS_fcntl, *fd, libc::F_DUPFD_CLOEXEC, LISTEN_FD + 1)
             ) as RawFd;
         }
-        let [stdin, log, ready_w, sync_r, moved_err] = fds;
+        let [log, ready_w, listen, sync_r, moved_err] = fds;
         err_fd = moved_err;
 
         // Close every other descriptor above stderr. The clone copied all of the
@@ -741,11 +754,23 @@ unsafe fn child_main(raw: &Shared) -> ! {
         check!(chdir, sys!(libc::SYS_chdir, plan.workdir.as_ptr()));
         check!(STEP_BASE + Step::Setsid as u32, sys!(libc::SYS_setsid));
 
+        // stdin is the sandbox's own /dev/null, opened inside the new root, so that
+        // not even it names a host file.
         let stdio = STEP_BASE + Step::Stdio as u32;
-        check!(stdio, sys!(libc::SYS_dup3, stdin, 0, 0));
+        let null = check!(
+            stdio,
+            sys!(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/dev/null".as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC
+            )
+        );
+        check!(stdio, sys!(libc::SYS_dup3, null, 0, 0));
         check!(stdio, sys!(libc::SYS_dup3, log, 1, 0));
         check!(stdio, sys!(libc::SYS_dup3, log, 2, 0));
-        check!(stdio, sys!(libc::SYS_dup3, ready_w, 3, 0));
+        check!(stdio, sys!(libc::SYS_dup3, ready_w, READY_FD, 0));
+        check!(stdio, sys!(libc::SYS_dup3, listen, LISTEN_FD, 0));
 
         let caps = STEP_BASE + Step::Capabilities as u32;
         for cap in 0..=plan.last_cap {

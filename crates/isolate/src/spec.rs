@@ -202,13 +202,23 @@ pub enum Rootfs {
 pub struct Limits {
     /// CPU quota in thousandths of a CPU (1000 = one full CPU).
     pub cpu_millis: u32,
-    /// Memory limit in bytes; includes the writable layer (see [`Limits::disk_bytes`]).
+    /// Memory the sandbox's processes may use, in bytes.
     pub memory_bytes: u64,
     /// Maximum number of tasks (processes and threads).
     pub pids: u32,
-    /// Size of the writable layer (a tmpfs, so its pages are charged to the sandbox's
-    /// memory cgroup too).
+    /// Size of the writable layer. It is a tmpfs, whose pages are charged to the
+    /// memory cgroup of whoever writes them; so the cgroup's limit is
+    /// [`Limits::memory_limit`], memory plus disk, and filling the disk ends in
+    /// `ENOSPC` from the tmpfs, never in the OOM killer.
     pub disk_bytes: u64,
+}
+
+impl Limits {
+    /// What the sandbox's memory cgroup is limited to: its memory and its disk,
+    /// which lives in memory.
+    pub fn memory_limit(&self) -> u64 {
+        self.memory_bytes.saturating_add(self.disk_bytes)
+    }
 }
 
 impl Default for Limits {

@@ -44,6 +44,17 @@ pub(crate) struct StateFile {
     /// Address on the host bridge, if the sandbox has egress internet.
     #[serde(default)]
     pub address: Option<std::net::Ipv4Addr>,
+    /// sandboxd's socket, bound by the driver in the sandbox's directory.
+    /// Absent in records of earlier versions, whose sandboxd bound
+    /// `sandboxd/sandboxd.sock` itself, in a directory the sandbox could write;
+    /// connections there are trusted only after the peer check (see `socket.rs`).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// The name of the `host` image directory the sandbox was created from, so
+    /// that it is kept while the sandbox runs; `None` for OCI images and records
+    /// of earlier versions.
+    #[serde(default)]
+    pub host_image: Option<String>,
 }
 
 impl StateFile {
@@ -119,6 +130,8 @@ mod tests {
             start_time: proc_start_time(me).unwrap(),
             cgroup: SandboxCgroup::V2 { dir: "/nonexistent".into() },
             address: None,
+            socket: Some("/nonexistent/sock".into()),
+            host_image: None,
         };
         state.write(dir.path()).unwrap();
         let read = StateFile::read(dir.path()).unwrap();

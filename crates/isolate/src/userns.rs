@@ -281,11 +281,6 @@ fn move_into(
     Ok(())
 }
 
-/// Makes `path` owned by the sandbox's root, so that it may write there.
-pub(crate) fn chown_to_root(path: &Path, ids: IdRange) -> io::Result<()> {
-    std::os::unix::fs::chown(path, Some(ids.base), Some(ids.base))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,8 @@ use support::TestEnv;
 async fn memory_over_the_limit_is_oom_killed_and_reported() -> anyhow::Result<()> {
     let env = TestEnv::new("oom")?;
     let mut spec = env.spec("oom");
-    spec.limits = Limits { memory_bytes: 96 << 20, ..Limits::default() };
+    // The cgroup holds memory and disk (the writable layer is a tmpfs): 112 MiB.
+    spec.limits = Limits { memory_bytes: 96 << 20, disk_bytes: 16 << 20, ..Limits::default() };
     env.driver.create(spec).await?;
     let id = env.id("oom");
     assert_eq!(env.driver.inspect(&id)?.reason, None);
@@ -86,6 +87,59 @@ async fn filling_the_disk_stops_at_the_limit() -> anyhow::Result<()> {
         .map(|s| s.parse::<u64>().unwrap_or(u64::MAX))
         .sum();
     assert!(kib <= 16 << 10, "wrote {kib} KiB: {out:?}");
+    Ok(())
+}
+
+/// The attack: a tenant whose disk limit is larger than its memory limit fills the
+/// disk. The writable layer lives in memory, so before the cgroup counted it, the
+/// OOM killer struck (sandboxd included) long before the disk was full.
+#[tokio::test]
+async fn filling_a_disk_larger_than_memory_gives_enospc_and_the_sandbox_stays_healthy()
+-> anyhow::Result<()> {
+    let env = TestEnv::new("bigdisk")?;
+    let mut spec = env.spec("bigdisk");
+    spec.limits = Limits { disk_bytes: 96 << 20, memory_bytes: 32 << 20, ..Limits::default() };
+    env.driver.create(spec).await?;
+    let out = env
+        .sh("bigdisk", "dd if=/dev/zero of=/var/tmp/fill bs=1M count=200 2>&1; echo status=$?")
+        .await?;
+    assert!(out.stdout.contains("No space left on device"), "{out:?}");
+    assert!(!out.stdout.contains("status=0"), "{out:?}");
+    let id = env.id("bigdisk");
+    let info = env.driver.inspect(&id)?;
+    assert_eq!(info.oom_kills, 0, "{info:?}");
+    assert_eq!(info.state, hutch_isolate::SandboxState::Running);
+    // sandboxd and the disk's contents are intact, and processes still run.
+    let out = env.sh("bigdisk", "du -sm /var/tmp/fill | cut -f1").await?;
+    assert!(out.ok(), "{out:?}");
+    let mib: u64 = out.stdout.trim().parse()?;
+    assert!((90..=96).contains(&mib), "{out:?}");
+    Ok(())
+}
+
+/// The attack: a process hogs memory hoping the OOM killer takes sandboxd (and with
+/// it every process and file of the sandbox). The kernel must pick the hog.
+#[tokio::test]
+async fn the_oom_killer_never_picks_sandboxd() -> anyhow::Result<()> {
+    let env = TestEnv::new("oompick")?;
+    let mut spec = env.spec("oompick");
+    spec.limits = Limits { memory_bytes: 48 << 20, disk_bytes: 1 << 20, ..Limits::default() };
+    env.driver.create(spec).await?;
+    let id = env.id("oompick");
+    for _ in 0..3 {
+        // Small hogs each, so that sandboxd is not the smallest process either.
+        let out = env
+            .sh("oompick", "python3 -c 'b = bytearray(8 << 20); import time; time.sleep(30)' &                  python3 -c 'b = bytearray(200 << 20)'; echo status=$?")
+            .await?;
+        assert!(out.stdout.contains("status=137"), "{out:?}");
+    }
+    let info = env.driver.inspect(&id)?;
+    assert!(info.oom_kills >= 3, "{info:?}");
+    assert_eq!(info.state, hutch_isolate::SandboxState::Running, "{info:?}");
+    let out = env.sh("oompick", "cat /proc/self/oom_score_adj").await?;
+    assert_eq!(out.stdout.trim(), "1000", "{out:?}");
+    let out = env.sh("oompick", "cat /proc/1/oom_score_adj").await?;
+    assert_eq!(out.stdout.trim(), "0", "{out:?}");
     Ok(())
 }
 

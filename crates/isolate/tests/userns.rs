@@ -250,7 +250,10 @@ fn the_host_reaches_a_userns_sandbox_over_its_veth_and_connect_port() {
             assert!(reached, "the host cannot reach {address}:8080");
 
             // connect_port enters the namespace from a host thread.
-            let mut stream = env.driver.connect_port(&env.id("net"), 8080).await?;
+            let mut stream = env
+                .driver
+                .connect_port(&env.id("net"), 8080, std::time::Duration::from_secs(5))
+                .await?;
             let mut text = String::new();
             tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text).await?;
             assert_eq!(text, "hi");

@@ -38,6 +38,8 @@ impl Drop for Daemon {
 fn start(binary: &str) -> Daemon {
     let mut child = Command::new(binary)
         .args(["--listen", "tcp:127.0.0.1:0", "--output-limit", "67108864"])
+        // As the sandbox driver starts it.
+        .args(["--child-oom-score-adj", "1000"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("start sandboxd");

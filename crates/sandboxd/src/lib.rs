@@ -21,11 +21,17 @@ use std::time::Duration;
 
 pub use supervisor::{Supervisor, SupervisorConfig};
 
-/// Where to listen: `tcp:HOST:PORT`, `HOST:PORT`, or `unix:PATH`.
+/// Where to listen: `tcp:HOST:PORT`, `HOST:PORT`, `unix:PATH`, or `fd:N`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
     Tcp(std::net::SocketAddr),
     Unix(PathBuf),
+    /// An inherited Unix stream socket, bound by whoever started us; sandboxd
+    /// only calls `listen` on it. This is how the sandbox driver hands over a
+    /// socket whose path lives where no process in the sandbox can reach it,
+    /// and `listen` from sandboxd makes sandboxd the socket's peer
+    /// (`SO_PEERCRED`) for every client.
+    Fd(std::os::fd::RawFd),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +40,8 @@ pub enum ParseListenAddrError {
     Malformed(String),
     #[error("unix socket path {0:?} must be absolute")]
     RelativeSocket(String),
+    #[error("{0:?} is not a descriptor number above 2")]
+    InvalidFd(String),
 }
 
 impl std::str::FromStr for ListenAddr {
@@ -45,6 +53,12 @@ impl std::str::FromStr for ListenAddr {
                 return Err(ParseListenAddrError::RelativeSocket(path.to_owned()));
             }
             return Ok(ListenAddr::Unix(path.into()));
+        }
+        if let Some(fd) = raw.strip_prefix("fd:") {
+            return match fd.parse::<std::os::fd::RawFd>() {
+                Ok(fd) if fd > 2 => Ok(ListenAddr::Fd(fd)),
+                _ => Err(ParseListenAddrError::InvalidFd(fd.to_owned())),
+            };
         }
         let addr = raw.strip_prefix("tcp:").unwrap_or(raw);
         addr.parse()
@@ -73,6 +87,7 @@ impl Listener {
                 }
                 Ok(Listener::Unix(tokio::net::UnixListener::bind(path)?))
             }
+            ListenAddr::Fd(fd) => Ok(Listener::Unix(listen_on_inherited(*fd)?)),
         }
     }
 
@@ -89,6 +104,47 @@ impl Listener {
                 .unwrap_or_else(|| "unix:?".into()),
         }
     }
+}
+
+/// Takes over an inherited, bound Unix stream socket and listens on it.
+fn listen_on_inherited(fd: std::os::fd::RawFd) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let check = |ret: libc::c_int| {
+        if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(ret) }
+    };
+    // SAFETY: fcntl on a descriptor number only reads its flags; an fd that is
+    // not open fails with EBADF before we take ownership of anything.
+    check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: the descriptor is open (checked above) and was handed to us for
+    // this one purpose; nothing else in this process owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into `kind`, whose size `len` gives.
+    check(unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    if kind != libc::SOCK_STREAM {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the inherited descriptor is not a stream socket",
+        ));
+    }
+    // SAFETY: plain fcntl and listen calls on a socket we own.
+    unsafe {
+        check(libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC))?;
+        let flags = check(libc::fcntl(raw, libc::F_GETFL))?;
+        check(libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+        check(libc::listen(raw, 1024))?;
+    }
+    tokio::net::UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
 }
 
 /// How long in-flight requests may take to finish once shutdown starts.

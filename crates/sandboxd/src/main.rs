@@ -46,6 +46,15 @@ struct Args {
     /// The tag of the main command.
     #[arg(long, default_value = "main")]
     main_tag: String,
+    /// When the main command exits, kill every other process and start no
+    /// more: the sandbox has ended, its output and files stay readable.
+    #[arg(long)]
+    end_with_main: bool,
+    /// Added to the OOM score of every process started (-1000 to 1000), so
+    /// that when the sandbox runs out of memory the kernel never picks
+    /// sandboxd, whose death would end every process.
+    #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    child_oom_score_adj: Option<i32>,
     /// A command to start before sandboxd reports ready (the image's
     /// entrypoint and cmd), tagged with `--main-tag`.
     #[arg(last = true)]
@@ -53,6 +62,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before anything could start a process: descriptors we were handed (the
+    // ready pipe, a listening socket) must never reach the processes we start,
+    // which only get 0, 1 and 2 of their own.
+    close_inherited_on_exec();
     let args = Args::parse();
     // HUTCH_USER is for sandboxd alone; the processes it starts must not
     // inherit it.
@@ -79,6 +92,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         output_limit: args.output_limit,
         max_exited: args.max_exited,
         default_user: args.default_user.clone(),
+        end_with: (args.end_with_main && !args.main.is_empty()).then(|| args.main_tag.clone()),
+        child_oom_score_adj: args.child_oom_score_adj,
         ..SupervisorConfig::default()
     };
     if let Some(user) = &config.default_user {
@@ -131,6 +146,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     serve(listeners, app, shutdown).await;
     Ok(())
+}
+
+/// Marks every descriptor above stderr close-on-exec.
+fn close_inherited_on_exec() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes descriptor
+    // flags; no memory is involved.
+    let ret =
+        unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    if ret == 0 {
+        return;
+    }
+    // Kernels before 5.11 lack the flag: mark them one by one.
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> =
+        entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    for fd in fds.into_iter().filter(|fd| *fd > 2) {
+        // SAFETY: fcntl on a descriptor number; one that is not open (such as
+        // read_dir's own, now closed) fails with EBADF and is left alone.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
 }
 
 fn signal_ready(fd: i32) {

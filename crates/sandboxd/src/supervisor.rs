@@ -41,6 +41,15 @@ pub struct SupervisorConfig {
     pub users: UserDb,
     /// Who processes run as when a request names no user.
     pub default_user: Option<String>,
+    /// The tag of a process whose exit ends everything: when it exits, every
+    /// other process is killed at once and nothing new starts (processes and
+    /// their output stay readable). This is how a sandbox whose main command
+    /// finished stops running code while its results can still be read.
+    pub end_with: Option<String>,
+    /// Added to the OOM score of every process started, so that when memory
+    /// runs out the kernel kills one of them and never sandboxd itself, whose
+    /// death would end everything. Raising a score needs no privilege.
+    pub child_oom_score_adj: Option<i32>,
 }
 
 impl Default for SupervisorConfig {
@@ -52,6 +61,8 @@ impl Default for SupervisorConfig {
             drain_grace: Duration::from_millis(100),
             users: UserDb::default(),
             default_user: None,
+            end_with: None,
+            child_oom_score_adj: None,
         }
     }
 }
@@ -98,6 +109,8 @@ pub enum StartProcessError {
     },
     #[error("sandboxd is shutting down")]
     ShuttingDown,
+    #[error("the main process exited: this sandbox has ended and starts no more processes")]
+    MainExited,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +186,7 @@ impl Supervisor {
             exited: VecDeque::new(),
             shutdown: None,
             stopping: false,
+            ended: false,
         };
         tokio::spawn(owner.run());
         Ok(Supervisor { commands })
@@ -234,6 +248,9 @@ struct Owner {
     shutdown: Option<Shutdown>,
     /// Set once shutdown began; nothing new starts after it.
     stopping: bool,
+    /// Set once the [`SupervisorConfig::end_with`] process exited; nothing new
+    /// starts after it.
+    ended: bool,
 }
 
 struct Shutdown {
@@ -295,6 +312,9 @@ impl Owner {
         request: StartProcessRequest,
         input: Option<Bytes>,
     ) -> Result<Arc<Process>, StartProcessError> {
+        if self.ended {
+            return Err(StartProcessError::MainExited);
+        }
         if self.stopping {
             return Err(StartProcessError::ShuttingDown);
         }
@@ -368,6 +388,7 @@ impl Owner {
             user,
             stdin_pipe: request.stdin == StdinMode::Pipe || feed_input,
             pty: request.pty,
+            oom_score_adj: self.config.child_oom_score_adj,
         })
     }
 
@@ -444,6 +465,21 @@ impl Owner {
                 Ok(Some((pid, exit))) => {
                     if let Some(reaped) = self.by_pid.get_mut(&pid).and_then(|e| e.reaped.take()) {
                         let _ = reaped.send(exit);
+                    }
+                    if !self.ended
+                        && let Some(tag) = &self.config.end_with
+                        && self.by_tag.get(tag) == Some(&pid)
+                    {
+                        // At once, in the task that spawns: nothing can start
+                        // between the main process's exit and this kill, and a
+                        // process that forks meanwhile cannot outrun it (the
+                        // kernel walks the namespace with new forks held off).
+                        self.ended = true;
+                        // Its own group first: it was just reaped, so it is no longer
+                        // among the running processes signal_everything walks, but
+                        // what it left in its group is.
+                        let _ = sys::signal(pid, libc::SIGKILL, true);
+                        self.signal_everything(Signal::SIGKILL);
                     }
                     // Anything else was an orphan that PID 1 (or a
                     // subreaper) inherited: reaping it is all it needs.

@@ -28,6 +28,9 @@ pub struct SpawnSpec {
     pub user: Option<User>,
     pub stdin_pipe: bool,
     pub pty: Option<PtySize>,
+    /// Written to the process's `oom_score_adj` once it runs (see
+    /// `SupervisorConfig::child_oom_score_adj`).
+    pub oom_score_adj: Option<i32>,
 }
 
 /// The parent's ends of a freshly started process.
@@ -57,9 +60,10 @@ pub enum SpawnError {
 /// be signalled together) or, under a PTY, in its own session with the
 /// terminal as its controlling terminal.
 ///
-/// Without a PTY this takes std's `posix_spawn` path (a `vfork`-style clone),
-/// which is markedly cheaper than `fork` for a large parent; that is why
-/// nothing here adds a `pre_exec` hook unless a terminal needs one.
+/// Without a PTY and without an OOM score to set this takes std's `posix_spawn`
+/// path (a `vfork`-style clone), which is cheaper than `fork` for a large parent;
+/// sandboxd is small enough that the `fork` a `pre_exec` hook needs costs little
+/// more (see [`raise_oom_score_before_exec`]).
 pub fn spawn(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
     let mut command = Command::new(&spec.command);
     command.args(&spec.args);
@@ -72,7 +76,11 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
         if let Some(name) = &user.name {
             command.env("USER", name).env("LOGNAME", name);
         }
-        command.uid(user.uid).gid(user.gid);
+        // With an OOM score to set, the hook switches users itself, after
+        // writing the score (see raise_oom_score_before_exec).
+        if spec.oom_score_adj.is_none() {
+            command.uid(user.uid).gid(user.gid);
+        }
     }
     if spec.pty.is_some() && !spec.env.contains_key("TERM") {
         command.env("TERM", "xterm-256color");
@@ -82,6 +90,10 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
         command.current_dir(dir);
     }
     let exec_error = |source| SpawnError::Exec { command: spec.command.clone(), source };
+    if let Some(adj) = spec.oom_score_adj {
+        let ids = spec.user.as_ref().map(|user| (user.uid, user.gid));
+        raise_oom_score_before_exec(&mut command, adj, ids);
+    }
 
     if let Some(size) = spec.pty {
         let pty = nix::pty::openpty(Some(&winsize(size.rows, size.cols)), None)
@@ -126,6 +138,49 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
         stderr: child.stderr.take().map(OwnedFd::from),
         pty_master: None,
     })
+}
+
+/// Makes the child write its own `oom_score_adj` between fork and exec, so that
+/// everything it ever runs or forks has the score: a score written from outside
+/// after the spawn would miss whatever the child forks first (a shell's first
+/// command, measured), which then competes with sandboxd on equal terms.
+///
+/// The hook then switches to `ids` (uid, gid) itself, as std's `uid`/`gid` would:
+/// it must write the score first, since a process that changed its uid is no
+/// longer dumpable, and its /proc files then belong to root.
+///
+/// A `pre_exec` hook moves std from `posix_spawn` to `fork`, which for a process as
+/// small as sandboxd costs about as much (see BENCHMARKS.md).
+fn raise_oom_score_before_exec(command: &mut Command, adj: i32, ids: Option<(u32, u32)>) {
+    // Formatted before the fork: the child may only make async-signal-safe calls.
+    let value = adj.to_string().into_bytes();
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // open, write, close, setgroups, setgid and setuid on a constant path and on
+    // values made before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            let check =
+                |ret: libc::c_int| if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) };
+            let fd = check(libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            ))?;
+            let written = libc::write(fd, value.as_ptr().cast(), value.len());
+            libc::close(fd);
+            if written < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some((uid, gid)) = ids {
+                // As std does for a root parent: no supplementary groups of ours.
+                if libc::getuid() == 0 {
+                    check(libc::setgroups(0, std::ptr::null()))?;
+                }
+                check(libc::setgid(gid))?;
+                check(libc::setuid(uid))?;
+            }
+            Ok(())
+        });
+    }
 }
 
 fn winsize(rows: u16, cols: u16) -> nix::pty::Winsize {

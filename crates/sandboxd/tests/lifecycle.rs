@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{Sandboxd, eventually, zombie_children};
+use support::{Sandboxd, assert_error, eventually, zombie_children};
 
 #[tokio::test]
 async fn orphans_are_reaped_even_when_not_pid_1() {
@@ -236,4 +236,47 @@ async fn hutch_user_sets_the_default_user_and_is_not_inherited() {
     let sandboxd = Sandboxd::spawn(command);
     let result = sandboxd.sh("id -u; id -g; env | grep -c HUTCH_USER || true").await;
     assert_eq!(result["stdout"], "65534\n65534\n0\n");
+}
+
+/// `--end-with-main`: a main command that leaves a process behind and exits ends
+/// everything; results stay readable and nothing new starts.
+#[tokio::test]
+async fn ending_with_main_kills_what_it_left_and_starts_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("left");
+    let script = format!("sleep 1000 & echo $! > {}; echo finished; exit 4", pidfile.display());
+    let sandboxd = Sandboxd::start_with(&["--end-with-main", "--", "sh", "-c", &script]);
+    let main = sandboxd.wait("main").await;
+    assert_eq!(main["exit"]["exit_code"], 4, "{main}");
+    let left: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let gone = eventually(Duration::from_secs(10), async || {
+        // Reaped by sandboxd, or at least dead (a zombie until then).
+        std::fs::read_to_string(format!("/proc/{left}/stat"))
+            .map_or(true, |stat| stat.split_whitespace().nth(2) == Some("Z"))
+    })
+    .await;
+    assert!(gone, "the process main left behind still runs");
+    let refused = sandboxd.post("/exec", json!({"command": "true"})).await;
+    assert_error(&refused, 409, "main_exited");
+    assert_eq!(sandboxd.output("main").await.0, b"finished\n");
+}
+
+/// Every process sandboxd starts, and whatever it forks at once, carries the OOM
+/// score sandboxd was given; sandboxd keeps its own.
+#[tokio::test]
+async fn children_carry_the_oom_score_from_their_first_instruction() {
+    let sandboxd = Sandboxd::start_with(&["--child-oom-score-adj", "1000"]);
+    // The shell's first fork happens before any outsider could write the score.
+    let out =
+        sandboxd.sh("cat /proc/self/oom_score_adj; sh -c 'cat /proc/self/oom_score_adj'").await;
+    assert_eq!(out["stdout"], "1000\n1000\n", "{out}");
+    let (_, as_nobody) = sandboxd
+        .post(
+            "/exec",
+            json!({"command": "cat", "args": ["/proc/self/oom_score_adj"], "user": "65534"}),
+        )
+        .await;
+    assert_eq!(as_nobody["stdout"], "1000\n", "{as_nobody}");
+    let own = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", sandboxd.pid())).unwrap();
+    assert_eq!(own.trim(), "0");
 }

@@ -327,6 +327,7 @@ impl TestNode {
                 memory_mb: Some(8192),
                 disk_mb: Some(8192),
                 pids: Some(4096),
+                max_pids_per_sandbox: None,
             },
             network: false,
             network_bridge: None,
@@ -339,6 +340,8 @@ impl TestNode {
             report_interval: Duration::from_secs(2),
             // Small, but the first creates of a test still take pooled namespaces.
             netns_pool: 4,
+            proxy: Default::default(),
+            user_namespace: true,
         };
         let mut config = config;
         adjust(&mut config);

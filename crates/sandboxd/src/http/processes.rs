@@ -34,6 +34,7 @@ impl From<StartProcessError> for ApiError {
             StartProcessError::User(_) => ErrorCode::UnknownUser,
             StartProcessError::Spawn(_) => ErrorCode::SpawnFailed,
             StartProcessError::ShuttingDown => ErrorCode::ShuttingDown,
+            StartProcessError::MainExited => ErrorCode::MainExited,
             StartProcessError::Pipes { .. } => return ApiError::internal(e),
         };
         ApiError::new(code, e.to_string())
