@@ -44,6 +44,12 @@ pub struct DataplaneConfig {
     pub network_subnet: Option<String>,
     /// Name of the nftables tables; `hutch` when unset.
     pub network_table: Option<String>,
+    /// IPv4 networks (CIDR) that egress `internet` never reaches. Unset: every
+    /// range that is not the public internet (private networks, carrier-grade
+    /// NAT, link-local and metadata services, loopback, multicast, reserved;
+    /// `hutch_net::DEFAULT_BLOCKED_DESTINATIONS`). The server's address and the
+    /// nodes' addresses are blocked on top, whatever this says.
+    pub blocked_networks: Option<Vec<String>>,
     /// A statically linked sandboxd, bind-mounted into every sandbox.
     pub sandboxd_path: PathBuf,
     /// Name of the cgroup beneath our own that holds the sandboxes' cgroups;
@@ -123,6 +129,7 @@ impl Default for DataplaneConfig {
             network_bridge: None,
             network_subnet: None,
             network_table: None,
+            blocked_networks: None,
             sandboxd_path: PathBuf::from("/usr/local/lib/hutch/sandboxd"),
             cgroup_parent: None,
             insecure_registries: Vec::new(),
@@ -136,7 +143,7 @@ impl Default for DataplaneConfig {
 }
 
 /// Top-level keys that `HUTCH_<KEY>` may set (nested: `HUTCH_CAPACITY_<KEY>`).
-const KEYS: [&str; 18] = [
+const KEYS: [&str; 19] = [
     "node_id",
     "server_url",
     "node_token",
@@ -148,6 +155,7 @@ const KEYS: [&str; 18] = [
     "network_bridge",
     "network_subnet",
     "network_table",
+    "blocked_networks",
     "sandboxd_path",
     "cgroup_parent",
     "insecure_registries",
@@ -196,6 +204,7 @@ impl DataplaneConfig {
                     | "report_interval"
                     | "netns_pool"
                     | "insecure_registries"
+                    | "blocked_networks"
                     | "registries" => scalar(value),
                     _ => Value::String(value.clone()),
                 };
@@ -230,6 +239,10 @@ impl DataplaneConfig {
         }
         if let Some(table) = &self.network_table {
             net.nft_table = table.clone();
+        }
+        if let Some(networks) = &self.blocked_networks {
+            net.blocked_destinations =
+                networks.iter().map(|net| net.parse()).collect::<Result<_, _>>()?;
         }
         Ok(net)
     }

@@ -47,8 +47,10 @@ pub enum OpenDataplaneError {
     },
     #[error("set up sandbox networking")]
     Network(#[from] hutch_net::NetSetupError),
-    #[error("invalid network_subnet")]
+    #[error("invalid network_subnet or blocked_networks")]
     Subnet(#[from] hutch_net::ParseIpv4NetError),
+    #[error("block the server's addresses")]
+    Block(#[source] hutch_net::SetElementError),
     #[error("set up the sandbox driver")]
     Driver(#[from] hutch_isolate::NewDriverError),
     #[error("open the image store")]
@@ -72,6 +74,31 @@ pub enum OpenDataplaneError {
 #[derive(Debug, thiserror::Error)]
 pub enum RunDataplaneError {}
 
+/// The IPv4 addresses the server's URL names (resolved, if it names a host).
+async fn server_addresses(url: &str) -> Vec<std::net::Ipv4Addr> {
+    let Some(authority) = url.split("://").nth(1).and_then(|rest| rest.split('/').next()) else {
+        return Vec::new();
+    };
+    let with_port =
+        if authority.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
+            authority.to_owned()
+        } else {
+            format!("{authority}:443")
+        };
+    match tokio::net::lookup_host(with_port).await {
+        Ok(addresses) => addresses
+            .filter_map(|address| match address.ip() {
+                std::net::IpAddr::V4(ip) => Some(ip),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect(),
+        Err(error) => {
+            tracing::warn!(url, %error, "cannot resolve the server's address to block it");
+            Vec::new()
+        }
+    }
+}
+
 /// An opened dataplane, ready to [`Dataplane::run`].
 #[derive(Debug)]
 pub struct Dataplane {
@@ -87,6 +114,11 @@ impl Dataplane {
     pub async fn open(config: DataplaneConfig) -> Result<Self, OpenDataplaneError> {
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
+            .and_then(|()| {
+                // The sandbox journal holds tenants' environments: the owner's alone.
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
+            })
             .map_err(|source| OpenDataplaneError::CreateDir { path: data_dir.clone(), source })?;
         // Uploads a crash interrupted (node API imports); only files we name.
         if let Ok(entries) = std::fs::read_dir(data_dir.join("tmp")) {
@@ -108,9 +140,15 @@ impl Dataplane {
         })?
         .with_netns_pool(config.netns_pool)
         .map_err(OpenDataplaneError::NetnsPool)?;
+        let mut network = None;
         if config.network {
-            let network = hutch_net::NetManager::new(config.net_config()?).await?;
-            driver = driver.with_network(Arc::new(network));
+            let manager = Arc::new(hutch_net::NetManager::new(config.net_config()?).await?);
+            // The server's own address, which may be public: no sandbox may
+            // reach it. (The nodes' come with the server's desired states.)
+            let server = server_addresses(&config.server_url).await;
+            manager.block_addresses("server", &server).map_err(OpenDataplaneError::Block)?;
+            driver = driver.with_network(manager.clone());
+            network = Some(manager);
         }
         if config.user_namespace {
             driver.check_user_namespaces().await.map_err(OpenDataplaneError::UserNamespace)?;
@@ -148,8 +186,16 @@ impl Dataplane {
         let capacity = Capacity::resolve(&config.capacity, &data_dir);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let create_slots = tokio::sync::Semaphore::new(cores.max(2));
-        let node =
-            Arc::new(Node { driver, images, records, config, capacity, create_slots, run_dir });
+        let node = Arc::new(Node {
+            driver,
+            images,
+            records,
+            config,
+            capacity,
+            create_slots,
+            run_dir,
+            network,
+        });
         let owner = Owner::new(node.clone(), loaded, orphans);
         Ok(Self { node, owner })
     }

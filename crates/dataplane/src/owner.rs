@@ -64,6 +64,8 @@ pub(crate) struct Node {
     pub create_slots: tokio::sync::Semaphore,
     /// The driver's run dir, removed at shutdown when no sandbox is left in it.
     pub run_dir: std::path::PathBuf,
+    /// Sandbox networking (also the driver's), for the addresses it blocks.
+    pub network: Option<Arc<hutch_net::NetManager>>,
 }
 
 impl Node {
@@ -221,7 +223,9 @@ enum Event {
 
 #[derive(Clone, Debug)]
 struct Desired {
-    spec: node::SandboxSpec,
+    /// Only until the node has reported the sandbox (see the proto): a
+    /// sandbox the node has is matched by id alone.
+    spec: Option<node::SandboxSpec>,
     stop: bool,
     grace: Duration,
 }
@@ -339,17 +343,29 @@ impl Owner {
     fn set_desired(&mut self, state: &node::DesiredState) {
         let mut desired = BTreeMap::new();
         for sandbox in &state.sandboxes {
-            let Some(spec) = &sandbox.spec else { continue };
+            // Servers before the id field named sandboxes by their spec only.
+            let id = match (&sandbox.id, &sandbox.spec) {
+                (id, _) if !id.is_empty() => id.clone(),
+                (_, Some(spec)) => spec.id.clone(),
+                _ => continue,
+            };
             desired.insert(
-                spec.id.clone(),
+                id,
                 Desired {
-                    spec: spec.clone(),
+                    spec: sandbox.spec.clone(),
                     stop: sandbox.phase == node::Phase::Stop as i32,
                     grace: Duration::from_secs(sandbox.grace_secs.into()),
                 },
             );
         }
         self.desired = Some(Arc::new(desired));
+        if let Some(network) = &self.node.network {
+            let blocked: Vec<std::net::Ipv4Addr> =
+                state.blocked_addresses.iter().filter_map(|a| a.parse().ok()).collect();
+            if let Err(error) = network.block_addresses("cluster", &blocked) {
+                tracing::warn!(error = %error_chain(&error), "cannot block the cluster's addresses");
+            }
+        }
     }
 
     /// Starts what closes the gap between the desired state and the table.
@@ -367,7 +383,11 @@ impl Owner {
                 tracing::warn!(id = %raw_id, "ignoring a desired sandbox with an invalid id");
                 continue;
             };
-            let mut entry = self.new_entry(&id, want);
+            let Some(spec) = &want.spec else {
+                // Its spec comes with a later message, in answer to our next report.
+                continue;
+            };
+            let mut entry = self.new_entry(&id, spec, want.stop);
             // A sandbox is created only once its record is on disk (so a restarted
             // node knows it); one whose record cannot be written is not created.
             if let Err(error) = entry.persist(&self.node.records)
@@ -431,8 +451,13 @@ impl Owner {
     /// sandbox the server dropped.
     fn settle_orphans(&mut self, desired: &BTreeMap<String, Desired>) {
         for id in std::mem::take(&mut self.orphans) {
-            let wanted =
-                desired.get(id.as_str()).and_then(|want| Spec::from_proto(&want.spec).ok());
+            let want = desired.get(id.as_str());
+            if want.is_some_and(|want| want.spec.is_none()) {
+                // Wanted, but its spec comes with a later message.
+                self.orphans.push(id);
+                continue;
+            }
+            let wanted = want.and_then(|want| Spec::from_proto(want.spec.as_ref()?).ok());
             let mut entry = match wanted {
                 Some(spec) => {
                     tracing::info!(%id, "taking over a running sandbox that had no record");
@@ -463,8 +488,8 @@ impl Owner {
         }
     }
 
-    fn new_entry(&self, id: &SandboxId, want: &Desired) -> Entry {
-        match Spec::from_proto(&want.spec) {
+    fn new_entry(&self, id: &SandboxId, proto_spec: &node::SandboxSpec, stop: bool) -> Entry {
+        match Spec::from_proto(proto_spec) {
             Ok(spec) => {
                 let reason = if spec.is_host_image()
                     || self.node.images.get(&spec.image).ok().flatten().is_some()
@@ -474,15 +499,15 @@ impl Owner {
                     reason::PULLING_IMAGE
                 };
                 let mut observed = Observed::creating(reason);
-                if want.stop {
+                if stop {
                     observed.finish(Phase::Stopped, reason::STOPPED, None, String::new());
                 }
                 Entry::new(Record { spec, observed, has_main: false })
             }
             Err(error) => {
                 let spec = Spec {
-                    namespace: want.spec.namespace.clone(),
-                    image: want.spec.image.clone(),
+                    namespace: proto_spec.namespace.clone(),
+                    image: proto_spec.image.clone(),
                     ..Spec::placeholder(id.clone())
                 };
                 let mut observed = Observed::creating(reason::CREATING);

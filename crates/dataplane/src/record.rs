@@ -477,6 +477,17 @@ mod tests {
     }
 
     #[test]
+    fn the_journal_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (records, _) = Records::open(dir.path()).unwrap();
+        records.save(&record("secret")).unwrap();
+        let mode =
+            std::fs::metadata(dir.path().join("sandboxes.log")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
     fn a_torn_last_line_leaves_the_record_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let (records, _) = Records::open(dir.path()).unwrap();

@@ -81,13 +81,15 @@ async fn session(
         NodeClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
             request.metadata_mut().insert("authorization", token.clone());
             Ok(request)
-        });
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let registered = client
         .register(RegisterRequest {
             node_id: config.node_id.clone(),
             capacity: Some(resources(&node.capacity)),
             proxy_url: config.proxy_url.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            sandbox_max: Some(sandbox_max(&node.capacity)),
         })
         .await
         .map_err(SyncError::Register)?
@@ -148,13 +150,14 @@ pub(crate) fn report(node_id: String, capacity: Capacity, snapshot: &Snapshot) -
     NodeReport {
         node_id,
         capacity: Some(resources(&capacity)),
+        sandbox_max: Some(sandbox_max(&capacity)),
         sandboxes: snapshot
             .values()
             .map(|view| ObservedSandbox {
                 id: view.id.to_string(),
                 phase: view.observed.phase.to_proto() as i32,
                 reason: view.observed.reason.clone(),
-                message: view.observed.message.clone(),
+                message: truncate(&view.observed.message, MAX_REPORTED_MESSAGE),
                 exit_code: view.observed.exit_code,
                 started_at_ms: view.observed.started_at_ms,
                 finished_at_ms: view.observed.finished_at_ms,
@@ -162,6 +165,29 @@ pub(crate) fn report(node_id: String, capacity: Capacity, snapshot: &Snapshot) -
             })
             .collect(),
     }
+}
+
+/// The largest message either side decodes (the server's limit too).
+const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// The most of a failure's message one report carries, so that a report of
+/// thousands of sandboxes stays far below [`MAX_MESSAGE_BYTES`].
+const MAX_REPORTED_MESSAGE: usize = 1024;
+
+/// `text` cut to at most `max` bytes, on a character boundary, marked if cut.
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+fn sandbox_max(capacity: &Capacity) -> node::Resources {
+    let max = capacity.per_sandbox;
+    node::Resources { cpus: max.cpus, memory_mb: max.memory_mb, disk_mb: 0, pids: max.pids }
 }
 
 pub(crate) fn resources(capacity: &Capacity) -> node::Resources {

@@ -250,7 +250,9 @@ async fn download_file(
         }
         file.flush().await?;
         if mode != 0 {
-            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).await?;
+            // Never setuid, setgid or sticky: a sandbox chooses these bits, and a
+            // setuid file it hands out must not become one on this host.
+            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777)).await?;
         }
         drop(file);
         tokio::fs::rename(&temp, target)
@@ -272,19 +274,75 @@ async fn download_dir(daemon: &Daemon, remote: &str, target: &Path) -> anyhow::R
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&target)
             .with_context(|| format!("cannot create {}", target.display()))?;
-        let mut archive = tar::Archive::new(reader);
-        archive.set_preserve_permissions(true);
-        archive.set_preserve_mtime(true);
-        archive.set_overwrite(true);
-        archive.unpack(&target).with_context(|| format!("cannot unpack into {}", target.display()))
+        unpack_untrusted(reader, &target)
     })
     .await
     .context("the unpacking task failed")?
 }
 
+/// Unpacks a sandbox's archive: the sandbox chose every byte of it, so only
+/// files, directories and links are made (never a device node or a FIFO), never
+/// outside `target` (tar's `unpack_in`), never setuid, setgid or sticky, and
+/// owned by whoever runs `hutch`.
+fn unpack_untrusted(reader: impl io::Read, target: &Path) -> anyhow::Result<()> {
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(false);
+    archive.set_preserve_ownerships(false);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    let unpack_error = || format!("cannot unpack into {}", target.display());
+    for entry in archive.entries().with_context(unpack_error)? {
+        let mut entry = entry.with_context(unpack_error)?;
+        let kind = entry.header().entry_type();
+        let allowed = kind.is_file()
+            || kind.is_dir()
+            || kind.is_symlink()
+            || kind.is_hard_link()
+            || kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+            || kind.is_pax_local_extensions();
+        if !allowed {
+            let path = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
+            eprintln!("hutch: skipping {path}: not a file, directory or link");
+            continue;
+        }
+        entry.unpack_in(target).with_context(unpack_error)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_archive_from_a_sandbox_makes_no_setuid_file_and_no_device() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut file = tar::Header::new_gnu();
+        file.set_path("root-shell").unwrap();
+        file.set_mode(0o4755);
+        file.set_size(4);
+        file.set_entry_type(tar::EntryType::Regular);
+        file.set_cksum();
+        builder.append(&file, &b"#!/x"[..]).unwrap();
+        let mut device = tar::Header::new_gnu();
+        device.set_path("disk").unwrap();
+        device.set_mode(0o666);
+        device.set_size(0);
+        device.set_entry_type(tar::EntryType::Block);
+        device.set_device_major(8).unwrap();
+        device.set_device_minor(0).unwrap();
+        device.set_cksum();
+        builder.append(&device, &[][..]).unwrap();
+        let bytes = builder.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        unpack_untrusted(&bytes[..], dir.path()).unwrap();
+        let mode = std::fs::metadata(dir.path().join("root-shell")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777 & !0o022, 0o755 & !0o022, "{mode:o}");
+        assert_eq!(mode & 0o7000, 0, "{mode:o}");
+        assert!(!dir.path().join("disk").exists());
+    }
 
     #[test]
     fn an_id_and_an_absolute_path_make_a_remote_location() {

@@ -153,3 +153,28 @@ async fn missing_sources_fail_with_one_line() {
     missing_local.assert_one_line_failure(1);
     assert!(missing_local.stderr.contains("nothing"), "{}", missing_local.stderr);
 }
+
+/// The attack: a sandbox marks a file setuid (its root may) and waits for
+/// someone to copy it out; a setuid-root file on the host is a root shell for
+/// whoever runs it. Copied out, alone or in a directory, it is a plain file.
+#[tokio::test]
+async fn files_copied_out_of_a_sandbox_are_never_setuid() {
+    let sandboxd = Sandboxd::start();
+    let local = tempfile::tempdir().unwrap();
+    let remote = tempfile::tempdir().unwrap();
+    let tree = remote.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let planted = tree.join("shell");
+    std::fs::write(&planted, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o6755)).unwrap();
+
+    let single = local.path().join("shell");
+    cp(&sandboxd, &format!("sb:{}", planted.display()), single.to_str().unwrap()).await;
+    let mode = std::fs::metadata(&single).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o755, "{mode:o}");
+
+    let copied = local.path().join("tree");
+    cp(&sandboxd, &format!("sb:{}", tree.display()), copied.to_str().unwrap()).await;
+    let mode = std::fs::metadata(copied.join("shell")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7000, 0, "{mode:o}");
+}

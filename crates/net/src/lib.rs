@@ -71,6 +71,27 @@ pub enum Egress {
     Internet,
 }
 
+/// What egress `internet` never reaches by default: the special-purpose ranges
+/// of RFC 6890 that are not the public internet. Private networks (RFC 1918)
+/// and carrier-grade NAT (100.64/10) are where a node's own network and its
+/// neighbours live; link-local holds cloud metadata services; the rest is
+/// loopback, "this network", IETF protocol assignments, benchmarking,
+/// multicast and reserved space. The documentation ranges (TEST-NET-1..3)
+/// are left reachable, as they are on the internet (nowhere).
+pub const DEFAULT_BLOCKED_DESTINATIONS: [Ipv4Net; 11] = [
+    Ipv4Net::new_const(Ipv4Addr::new(0, 0, 0, 0), 8),
+    Ipv4Net::new_const(Ipv4Addr::new(10, 0, 0, 0), 8),
+    Ipv4Net::new_const(Ipv4Addr::new(100, 64, 0, 0), 10),
+    Ipv4Net::new_const(Ipv4Addr::new(127, 0, 0, 0), 8),
+    Ipv4Net::new_const(Ipv4Addr::new(169, 254, 0, 0), 16),
+    Ipv4Net::new_const(Ipv4Addr::new(172, 16, 0, 0), 12),
+    Ipv4Net::new_const(Ipv4Addr::new(192, 0, 0, 0), 24),
+    Ipv4Net::new_const(Ipv4Addr::new(192, 168, 0, 0), 16),
+    Ipv4Net::new_const(Ipv4Addr::new(198, 18, 0, 0), 15),
+    Ipv4Net::new_const(Ipv4Addr::new(224, 0, 0, 0), 4),
+    Ipv4Net::new_const(Ipv4Addr::new(240, 0, 0, 0), 4),
+];
+
 /// Host-wide network settings. One [`NetManager`] owns them at a time.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -84,7 +105,9 @@ pub struct NetConfig {
     /// Directory of IP leases, one file per sandbox id.
     pub state_dir: PathBuf,
     /// Destinations sandboxes may never reach even with internet egress.
-    /// Default 169.254.0.0/16 (link-local, including cloud metadata services).
+    /// Default [`DEFAULT_BLOCKED_DESTINATIONS`]: every range that is not the
+    /// public internet, so that a sandbox reaches neither the node's network
+    /// nor a cloud's metadata service.
     pub blocked_destinations: Vec<Ipv4Net>,
     /// The `nft` executable: a path, or a name looked up in `PATH`. Default `nft`.
     pub nft_binary: PathBuf,
@@ -98,7 +121,7 @@ impl NetConfig {
             subnet: Ipv4Net::new_const(Ipv4Addr::new(10, 89, 0, 0), 16),
             nft_table: "hutch".to_owned(),
             state_dir: state_dir.into(),
-            blocked_destinations: vec![Ipv4Net::new_const(Ipv4Addr::new(169, 254, 0, 0), 16)],
+            blocked_destinations: DEFAULT_BLOCKED_DESTINATIONS.to_vec(),
             nft_binary: PathBuf::from("nft"),
         }
     }
@@ -248,6 +271,9 @@ struct Inner {
     removing: Mutex<HashSet<String>>,
     // Woken whenever a background removal finishes.
     removed: Notify,
+    // Single addresses no sandbox may reach, by the caller's tag (see
+    // NetManager::block_addresses). A std mutex, never held across an await.
+    blocked: Mutex<HashMap<String, HashSet<Ipv4Addr>>>,
     // The namespace each attached sandbox was attached in, so that a removal
     // can tell whether the kernel is about to delete the veth itself. A hint:
     // without it, the veth is deleted explicitly.
@@ -338,6 +364,7 @@ impl NetManager {
             elements,
             leases,
             removing: Mutex::new(HashSet::new()),
+            blocked: Mutex::new(HashMap::new()),
             removed: Notify::new(),
             namespaces: Mutex::new(HashMap::new()),
         };
@@ -483,6 +510,43 @@ impl NetManager {
     pub async fn sweep(&self, live: &HashSet<String>) -> Result<NetSweepReport, NetSweepError> {
         self.settle().await;
         self.inner.sweep(live).await
+    }
+
+    /// Makes `addresses` the set of single addresses named `tag` that no sandbox
+    /// may reach, on top of [`NetConfig::blocked_destinations`]: the server's
+    /// and the other nodes' addresses, which may be public. Several tags keep
+    /// apart sets from different sources; an address stays blocked while any
+    /// tag names it. Set elements only, in one netlink transaction each way.
+    pub fn block_addresses(
+        &self,
+        tag: &str,
+        addresses: &[Ipv4Addr],
+    ) -> Result<(), SetElementError> {
+        let inner = &self.inner;
+        let mut blocked = inner.blocked.lock().unwrap_or_else(|poison| poison.into_inner());
+        let before: HashSet<Ipv4Addr> = blocked.values().flatten().copied().collect();
+        let wanted: HashSet<Ipv4Addr> = addresses.iter().copied().collect();
+        if blocked.get(tag) == Some(&wanted) {
+            return Ok(());
+        }
+        blocked.insert(tag.to_owned(), wanted);
+        let after: HashSet<Ipv4Addr> = blocked.values().flatten().copied().collect();
+        let element = |address: &Ipv4Addr| SetElement {
+            family: nfnl::Family::Inet,
+            table: inner.config.nft_table.clone(),
+            set: rules::BLOCKED_SET.to_owned(),
+            key: address.octets().to_vec(),
+            comment: "blocked".to_owned(),
+        };
+        let added: Vec<SetElement> = after.difference(&before).map(element).collect();
+        let removed: Vec<SetElement> = before.difference(&after).map(element).collect();
+        if !added.is_empty() {
+            inner.elements.add(&added)?;
+        }
+        if !removed.is_empty() {
+            inner.elements.delete_each(&removed)?;
+        }
+        Ok(())
     }
 
     /// Removes every sandbox network, the nft tables and the bridge. For tests

@@ -49,6 +49,9 @@ const PREROUTING: &str = "prerouting";
 pub(crate) const PORTS_SET: &str = "sandbox_ports";
 /// The inet table's set of sandbox addresses that may leave through `forward`.
 pub(crate) const ADDRESSES_SET: &str = "sandbox_addrs";
+/// The inet table's set of single addresses no sandbox may reach (the server's
+/// and the nodes', which may be public), beside the blocked prefixes.
+pub(crate) const BLOCKED_SET: &str = "blocked_addrs";
 /// Bytes of an interface name in a set key (`IFNAMSIZ`).
 const IFNAME_KEY_LEN: usize = 16;
 
@@ -253,6 +256,10 @@ pub(crate) fn base_ruleset(policy: &Policy<'_>) -> Nftables<'static> {
         ADDRESSES_SET,
         SetTypeValue::Single(SetType::Ipv4Addr),
     ))));
+    let blocked_set = set(NfFamily::INet, t, BLOCKED_SET, SetTypeValue::Single(SetType::Ipv4Addr));
+    batch.add(NfListObject::Set(Box::new(blocked_set.clone())));
+    // Refilled by NetManager::block_addresses after every start.
+    batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(blocked_set))));
     for chain in [input, forward, postrouting] {
         batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain)));
     }
@@ -290,6 +297,11 @@ pub(crate) fn base_ruleset(policy: &Policy<'_>) -> Nftables<'static> {
             drop(),
         ]);
     }
+    forward_rules.push(vec![
+        iif_bridge(),
+        eq(payload("ip", "daddr"), set_reference(BLOCKED_SET)),
+        drop(),
+    ]);
     forward_rules.push(vec![
         iif_bridge(),
         eq(payload("ip", "saddr"), set_reference(ADDRESSES_SET)),
@@ -463,10 +475,19 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .filter_map(|o| o.get("flush"))
-            .map(|f| f["chain"]["name"].as_str().unwrap().to_owned())
+            .filter_map(|o| o.get("flush")?.get("chain"))
+            .map(|chain| chain["name"].as_str().unwrap().to_owned())
             .collect();
         assert_eq!(flushed, ["prerouting", "input", "forward", "postrouting", "ports", "egress"]);
+        let flushed_sets: Vec<_> = json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.get("flush")?.get("set"))
+            .map(|set| set["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(flushed_sets, ["blocked_addrs"]);
+        assert!(text.contains(r#""right":"@blocked_addrs""#));
         let deleted: Vec<_> = json["nftables"]
             .as_array()
             .unwrap()

@@ -35,8 +35,7 @@ fn run_everything(mut node: FakeNode) {
                 .sandboxes
                 .iter()
                 .filter(|s| s.phase == Phase::Run as i32)
-                .filter_map(|s| s.spec.as_ref())
-                .map(|spec| observed(&spec.id, ObservedPhase::ObservedRunning))
+                .map(|s| observed(&s.id, ObservedPhase::ObservedRunning))
                 .collect::<Vec<_>>();
             // Like a real dataplane, report only when something changed (the
             // server answers every report with the desired state).

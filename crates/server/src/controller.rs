@@ -70,6 +70,8 @@ pub enum ControlError {
     NodeNotRegistered(String),
     #[error("cannot write the change to the store")]
     Store(#[from] StoreError),
+    #[error("the sandbox fits no node")]
+    TooLarge(crate::validate::InvalidField),
 }
 
 /// Which sandboxes a list asks for.
@@ -194,12 +196,47 @@ pub enum Command {
     },
     Connect {
         node_id: String,
-        reply: Reply<Result<watch::Receiver<Arc<proto::DesiredState>>, ControlError>>,
+        reply: Reply<Result<watch::Receiver<Arc<NodeDesired>>, ControlError>>,
     },
     Report {
         report: proto::NodeReport,
-        reply: Reply<Result<Arc<proto::DesiredState>, ControlError>>,
+        reply: Reply<Result<Arc<NodeDesired>, ControlError>>,
     },
+}
+
+/// Everything one node should run, as the controller publishes it. The Sync
+/// stream turns it into `DesiredState` messages that carry each spec only until
+/// the node has the sandbox (see `grpc.rs`); specs are shared, never copied per
+/// change, so a change costs O(sandboxes) pointer copies however large the
+/// specs are.
+#[derive(Debug, Default)]
+pub struct NodeDesired {
+    /// Sorted by id.
+    pub sandboxes: Vec<DesiredEntry>,
+    /// IPv4 addresses of the server's nodes, which no sandbox may reach.
+    pub blocked_addresses: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DesiredEntry {
+    pub id: String,
+    pub spec: Arc<proto::SandboxSpec>,
+    pub phase: proto::Phase,
+    pub grace_secs: u32,
+}
+
+impl NodeDesired {
+    /// Whether `other` asks for the same: specs never change for an id, so
+    /// comparing ids, phases and graces is enough.
+    fn same_as(&self, other: &NodeDesired) -> bool {
+        self.blocked_addresses == other.blocked_addresses
+            && self.sandboxes.len() == other.sandboxes.len()
+            && self
+                .sandboxes
+                .iter()
+                .zip(&other.sandboxes)
+                .all(|(a, b)| a.id == b.id && a.phase == b.phase && a.grace_secs == b.grace_secs)
+    }
 }
 
 /// A cheap, cloneable way to talk to the controller.
@@ -225,6 +262,8 @@ impl Handle {
 
 struct Entry {
     record: SandboxRecord,
+    /// The spec as nodes get it, built once: a sandbox's spec never changes.
+    spec: Arc<proto::SandboxSpec>,
     /// Unix ms of the last API, daemon or proxy activity.
     last_activity_ms: i64,
     /// Whether a finished sandbox is still in its node's desired state
@@ -234,6 +273,8 @@ struct Entry {
 
 struct Node {
     capacity: Resources,
+    /// The largest sandbox it runs (its real resources); `None` until it says.
+    sandbox_max: Option<Resources>,
     proxy_url: String,
     last_seen: Instant,
     /// Unix ms of the last Register or report (None: not since we started).
@@ -242,19 +283,20 @@ struct Node {
     /// register again.
     registered: bool,
     lost: bool,
-    desired: watch::Sender<Arc<proto::DesiredState>>,
+    desired: watch::Sender<Arc<NodeDesired>>,
 }
 
 impl Node {
     fn new(now: Instant) -> Self {
         Node {
             capacity: Resources { cpus: 0.0, memory_mb: 0, disk_mb: 0, pids: 0 },
+            sandbox_max: None,
             proxy_url: String::new(),
             last_seen: now,
             last_seen_ms: None,
             registered: false,
             lost: false,
-            desired: watch::Sender::new(Arc::new(proto::DesiredState::default())),
+            desired: watch::Sender::new(Arc::new(NodeDesired::default())),
         }
     }
 }
@@ -321,9 +363,10 @@ impl<S: Store> Controller<S> {
             }
             let retained = !record.state.is_terminal()
                 || record.finished_at_ms.unwrap_or(now) + millis(controller.config.retention) > now;
-            controller
-                .sandboxes
-                .insert(record.id.clone(), Entry { record, last_activity_ms: now, retained });
+            controller.sandboxes.insert(
+                record.id.clone(),
+                Entry { spec: node_spec(&record), record, last_activity_ms: now, retained },
+            );
         }
         if !controller.namespaces.contains_key(DEFAULT_NAMESPACE) {
             let record = NamespaceRecord { name: DEFAULT_NAMESPACE.to_owned(), created_at_ms: now };
@@ -544,6 +587,7 @@ impl<S: Store> Controller<S> {
                 return Ok((self.view(&entry.record), false));
             }
         }
+        self.check_fits_a_node(&request.spec.resources)?;
         let mut record = SandboxRecord {
             id: uuid::Uuid::new_v4().simple().to_string(),
             seq: self.next_seq,
@@ -784,6 +828,11 @@ impl<S: Store> Controller<S> {
             tracing::info!(node = %request.node_id, "lost node registered again");
         }
         node.capacity = resources_from_proto(request.capacity.as_ref());
+        node.sandbox_max = request
+            .sandbox_max
+            .as_ref()
+            .filter(|max| max.memory_mb > 0)
+            .map(|max| resources_from_proto(Some(max)));
         node.proxy_url = request.proxy_url.trim_end_matches('/').to_owned();
         node.last_seen = now;
         node.last_seen_ms = Some(now_ms());
@@ -809,7 +858,7 @@ impl<S: Store> Controller<S> {
     async fn report(
         &mut self,
         report: proto::NodeReport,
-    ) -> Result<Arc<proto::DesiredState>, ControlError> {
+    ) -> Result<Arc<NodeDesired>, ControlError> {
         let node_id = report.node_id.clone();
         let Some(node) = self.nodes.get_mut(&node_id).filter(|node| node.registered) else {
             return Err(ControlError::NodeNotRegistered(node_id));
@@ -822,6 +871,9 @@ impl<S: Store> Controller<S> {
             tracing::info!(node = %node_id, "lost node reports again");
             node.lost = false;
             self.reschedule = true;
+        }
+        if let Some(max) = report.sandbox_max.as_ref().filter(|max| max.memory_mb > 0) {
+            node.sandbox_max = Some(resources_from_proto(Some(max)));
         }
         if let Some(capacity) = report.capacity.as_ref().filter(|c| c.memory_mb > 0) {
             let capacity = resources_from_proto(Some(capacity));
@@ -968,7 +1020,7 @@ impl<S: Store> Controller<S> {
             let desired = self.desired_state(&node_id);
             if let Some(node) = self.nodes.get(&node_id) {
                 node.desired.send_if_modified(|current| {
-                    if **current == *desired {
+                    if current.same_as(&desired) {
                         false
                     } else {
                         *current = desired;
@@ -1027,7 +1079,7 @@ impl<S: Store> Controller<S> {
             .nodes
             .iter()
             .filter(|(_, node)| node.registered && !node.lost)
-            .map(|(id, node)| (id.clone(), Free::of(&node.capacity)))
+            .map(|(id, node)| (id.clone(), Free::of(&node.capacity, node.sandbox_max.as_ref())))
             .collect();
         for (node, resources) in self.reservations() {
             if let Some(f) = free.get_mut(node) {
@@ -1046,8 +1098,8 @@ impl<S: Store> Controller<S> {
             .filter_map(|record| record.node.as_deref().map(|node| (node, &record.spec.resources)))
     }
 
-    fn desired_state(&self, node_id: &str) -> Arc<proto::DesiredState> {
-        let mut sandboxes: Vec<proto::DesiredSandbox> = self
+    fn desired_state(&self, node_id: &str) -> Arc<NodeDesired> {
+        let mut sandboxes: Vec<DesiredEntry> = self
             .sandboxes
             .values()
             .filter(|entry| entry.record.node.as_deref() == Some(node_id))
@@ -1060,13 +1112,75 @@ impl<S: Store> Controller<S> {
                         && !record.deleted
                         && record.reason.as_deref() != Some("node_lost"))
             })
-            .map(|entry| desired_sandbox(&entry.record))
+            .map(|entry| {
+                let stop = entry.record.stop.as_ref();
+                DesiredEntry {
+                    id: entry.record.id.clone(),
+                    spec: entry.spec.clone(),
+                    phase: if stop.is_some() { proto::Phase::Stop } else { proto::Phase::Run },
+                    grace_secs: stop.map_or(0, |stop| stop.grace_secs),
+                }
+            })
             .collect();
-        fn id(sandbox: &proto::DesiredSandbox) -> Option<&str> {
-            sandbox.spec.as_ref().map(|spec| spec.id.as_str())
+        sandboxes.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Arc::new(NodeDesired { sandboxes, blocked_addresses: self.cluster_addresses() })
+    }
+
+    /// The IPv4 addresses the nodes registered with (their proxies'), which no
+    /// sandbox may reach: a node's address may be public, so the private ranges
+    /// the dataplanes block by default do not cover it.
+    fn cluster_addresses(&self) -> Vec<String> {
+        let mut addresses: Vec<String> = self
+            .nodes
+            .values()
+            .filter_map(|node| {
+                let authority = node.proxy_url.split("://").nth(1)?.split('/').next()?;
+                let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host);
+                host.parse::<std::net::Ipv4Addr>().ok().map(|ip| ip.to_string())
+            })
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    }
+
+    /// Whether some node could ever run a sandbox this large: none whose
+    /// [`Node::sandbox_max`] it fits means 400 at create, not a sandbox pending
+    /// forever. Nodes that have not said what they take are assumed to fit.
+    fn check_fits_a_node(&self, resources: &Resources) -> Result<(), ControlError> {
+        let maxima: Vec<&Resources> = self
+            .nodes
+            .values()
+            .filter(|node| node.registered || node.sandbox_max.is_some())
+            .map(|node| node.sandbox_max.as_ref())
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default();
+        if maxima.is_empty() || maxima.iter().any(|max| scheduler::within(resources, max)) {
+            return Ok(());
         }
-        sandboxes.sort_unstable_by(|a, b| id(a).cmp(&id(b)));
-        Arc::new(proto::DesiredState { sandboxes })
+        let most = |f: fn(&Resources) -> f64| maxima.iter().map(|max| f(max)).fold(0.0, f64::max);
+        let memory = most(|max| max.memory_mb as f64);
+        let cpus = most(|max| max.cpus);
+        let pids = most(|max| f64::from(max.pids));
+        let (field, message) = if (resources.memory_mb + resources.disk_mb) as f64 > memory {
+            (
+                "resources.memory_mb",
+                format!(
+                    "memory_mb + disk_mb must fit a node's memory: at most {memory} MiB together \
+                     (a sandbox's disk lives in memory)"
+                ),
+            )
+        } else if resources.cpus > cpus {
+            ("resources.cpus", format!("must fit a node: at most {cpus}"))
+        } else if f64::from(resources.pids) > pids {
+            ("resources.pids", format!("at most {pids}, what the nodes allow one sandbox"))
+        } else {
+            ("resources", "no single node has all of these at once".to_owned())
+        };
+        Err(ControlError::TooLarge(crate::validate::InvalidField {
+            field: field.to_owned(),
+            message,
+        }))
     }
 
     /// Writes a sandbox through to the store, then to memory, and tells
@@ -1114,7 +1228,12 @@ impl<S: Store> Controller<S> {
                 self.reschedule = true;
                 self.sandboxes.insert(
                     record.id.clone(),
-                    Entry { record, last_activity_ms: now, retained: true },
+                    Entry {
+                        spec: node_spec(&record),
+                        record,
+                        last_activity_ms: now,
+                        retained: true,
+                    },
                 );
             }
         }
@@ -1272,33 +1391,29 @@ fn apply_observed(
     (next != *record).then_some(next)
 }
 
-fn desired_sandbox(record: &SandboxRecord) -> proto::DesiredSandbox {
+/// The spec nodes get for a sandbox.
+fn node_spec(record: &SandboxRecord) -> Arc<proto::SandboxSpec> {
     let spec = &record.spec;
-    let stop = record.stop.as_ref();
-    proto::DesiredSandbox {
-        spec: Some(proto::SandboxSpec {
-            id: record.id.clone(),
-            namespace: record.namespace.clone(),
-            image: spec.image.clone(),
-            command: spec.command.clone(),
-            env: spec.env.clone().into_iter().collect(),
-            working_dir: spec.working_dir.clone().unwrap_or_default(),
-            user: spec.user.clone().unwrap_or_default(),
-            resources: Some(proto::Resources {
-                cpus: spec.resources.cpus,
-                memory_mb: spec.resources.memory_mb,
-                disk_mb: spec.resources.disk_mb,
-                pids: spec.resources.pids,
-            }),
-            egress: match spec.network.egress {
-                Egress::None => proto::Egress::None as i32,
-                Egress::Internet => proto::Egress::Internet as i32,
-            },
-            ports: spec.ports.iter().map(|&port| u32::from(port)).collect(),
+    Arc::new(proto::SandboxSpec {
+        id: record.id.clone(),
+        namespace: record.namespace.clone(),
+        image: spec.image.clone(),
+        command: spec.command.clone(),
+        env: spec.env.clone().into_iter().collect(),
+        working_dir: spec.working_dir.clone().unwrap_or_default(),
+        user: spec.user.clone().unwrap_or_default(),
+        resources: Some(proto::Resources {
+            cpus: spec.resources.cpus,
+            memory_mb: spec.resources.memory_mb,
+            disk_mb: spec.resources.disk_mb,
+            pids: spec.resources.pids,
         }),
-        phase: if stop.is_some() { proto::Phase::Stop as i32 } else { proto::Phase::Run as i32 },
-        grace_secs: stop.map_or(0, |stop| stop.grace_secs),
-    }
+        egress: match spec.network.egress {
+            Egress::None => proto::Egress::None as i32,
+            Egress::Internet => proto::Egress::Internet as i32,
+        },
+        ports: spec.ports.iter().map(|&port| u32::from(port)).collect(),
+    })
 }
 
 fn resources_from_proto(resources: Option<&proto::Resources>) -> Resources {

@@ -6,21 +6,79 @@ use std::sync::Arc;
 
 use futures_util::Stream;
 use hutch_proto::node::node_server::{Node, NodeServer};
-use hutch_proto::node::{DesiredState, NodeReport, RegisterRequest, RegisterResponse};
+use std::collections::HashSet;
+
+use hutch_proto::node::{
+    DesiredSandbox, DesiredState, NodeReport, RegisterRequest, RegisterResponse,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::controller::{Command, ControlError, Handle};
+use crate::controller::{Command, ControlError, Handle, NodeDesired};
 use crate::keys::constant_time_eq;
 
 /// Optional metadata on `Sync` naming the node, so the server can send the
 /// desired state at once instead of in answer to the first report.
 pub const NODE_ID_METADATA: &str = "hutch-node-id";
 
-type DesiredWatch = watch::Receiver<Arc<DesiredState>>;
+type DesiredWatch = watch::Receiver<Arc<NodeDesired>>;
+
+/// The most bytes of specs one `DesiredState` carries; the rest follow in
+/// answer to the node's next report. Far below the 4 MiB tonic decodes by
+/// default, so a node of any size and specs of any (bounded) size never break
+/// the stream.
+pub const SPEC_BUDGET_BYTES: usize = 1 << 20;
+
+/// The largest message either side decodes: a report of thousands of sandboxes,
+/// each with a 1 KiB message, fits with room to spare.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// What one stream sent last, so that it never sends the same message twice in
+/// a row: the desired state (by pointer) and the ids whose specs went with it.
+#[derive(Default)]
+struct LastSent {
+    state: Option<Arc<NodeDesired>>,
+    with_specs: Vec<String>,
+}
+
+/// The message for a node that last reported `known`: every sandbox by id, and
+/// the specs of those it does not know, up to [`SPEC_BUDGET_BYTES`].
+pub fn message(desired: &NodeDesired, known: &HashSet<String>) -> (DesiredState, Vec<String>) {
+    use prost::Message as _;
+    let mut budget = SPEC_BUDGET_BYTES;
+    let mut more = false;
+    let mut with_specs = Vec::new();
+    let sandboxes = desired
+        .sandboxes
+        .iter()
+        .map(|entry| {
+            let mut spec = None;
+            if !known.contains(&entry.id) {
+                let size = entry.spec.encoded_len();
+                // The first spec goes even when it alone is over the budget.
+                if size <= budget || with_specs.is_empty() {
+                    budget = budget.saturating_sub(size);
+                    spec = Some((*entry.spec).clone());
+                    with_specs.push(entry.id.clone());
+                } else {
+                    more = true;
+                }
+            }
+            DesiredSandbox {
+                id: entry.id.clone(),
+                spec,
+                phase: entry.phase as i32,
+                grace_secs: entry.grace_secs,
+            }
+        })
+        .collect();
+    let state =
+        DesiredState { sandboxes, more, blocked_addresses: desired.blocked_addresses.clone() };
+    (state, with_specs)
+}
 
 #[derive(Debug, Clone)]
 pub struct NodeService {
@@ -56,8 +114,9 @@ pub fn service(
     node_token: std::sync::Arc<str>,
     shutdown: CancellationToken,
 ) -> InterceptedService<NodeServer<NodeService>, NodeTokenCheck> {
-    NodeServer::with_interceptor(
-        NodeService { controller, shutdown },
+    InterceptedService::new(
+        NodeServer::new(NodeService { controller, shutdown })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         NodeTokenCheck { expected: node_token },
     )
 }
@@ -117,16 +176,15 @@ impl Node for NodeService {
             .map(str::to_owned);
         let mut inbound = request.into_inner();
         let (outbound, receiver) = mpsc::channel(4);
-        // The state this stream last carried: an unchanged one is not sent
-        // again (the stream loses nothing, and each is the node's whole table).
-        let mut last_sent: Option<Arc<DesiredState>> = None;
+        // What the node reported last: the sandboxes whose specs it has.
+        let mut known: HashSet<String> = HashSet::new();
+        let mut last = LastSent::default();
         let mut desired = match node_id {
             Some(node_id) => {
                 let mut desired = self.connect(node_id).await?;
                 let first = desired.borrow_and_update().clone();
                 // The channel is empty and its receiver alive: this cannot fail.
-                let _ = outbound.try_send(Ok((*first).clone()));
-                last_sent = Some(first);
+                let _ = outbound.try_send(Ok(last.next(&first, &known).unwrap_or_default()));
                 Some(desired)
             }
             None => None,
@@ -154,6 +212,7 @@ impl Node for NodeService {
                                 }
                             }
                         }
+                        known = report.sandboxes.iter().map(|s| s.id.clone()).collect();
                         let answer = service
                             .controller
                             .call(|reply| Command::Report { report, reply })
@@ -164,25 +223,21 @@ impl Node for NodeService {
                         // controller published after computing this answer
                         // must still go out, and a repeat is harmless.
                         let answer = match answer {
-                            Ok(state) if is_last_sent(&last_sent, &state) => continue,
-                            Ok(state) => Ok(state),
+                            Ok(state) => match last.next(&state, &known) {
+                                Some(message) => Ok(message),
+                                None => continue,
+                            },
                             Err(error) => Err(error),
                         };
                         let failed = answer.is_err();
-                        if let Ok(state) = &answer {
-                            last_sent = Some(state.clone());
-                        }
-                        if outbound.send(answer.map(|state| (*state).clone())).await.is_err() || failed {
+                        if outbound.send(answer).await.is_err() || failed {
                             break;
                         }
                     }
                     changed = changed(&mut desired) => {
                         let Some(state) = changed else { break };
-                        if is_last_sent(&last_sent, &state) {
-                            continue;
-                        }
-                        last_sent = Some(state.clone());
-                        if outbound.send(Ok((*state).clone())).await.is_err() {
+                        let Some(message) = last.next(&state, &known) else { continue };
+                        if outbound.send(Ok(message)).await.is_err() {
                             break;
                         }
                     }
@@ -193,9 +248,23 @@ impl Node for NodeService {
     }
 }
 
+impl LastSent {
+    /// The message to send for `state`, unless it is the very one sent last.
+    fn next(&mut self, state: &Arc<NodeDesired>, known: &HashSet<String>) -> Option<DesiredState> {
+        let (message, with_specs) = message(state, known);
+        let same_state = self.state.as_ref().is_some_and(|last| Arc::ptr_eq(last, state));
+        if same_state && with_specs == self.with_specs {
+            return None;
+        }
+        self.state = Some(state.clone());
+        self.with_specs = with_specs;
+        Some(message)
+    }
+}
+
 /// The next desired state once it changes; never resolves before the node
 /// is known, `None` once the controller is gone.
-async fn changed(desired: &mut Option<DesiredWatch>) -> Option<Arc<DesiredState>> {
+async fn changed(desired: &mut Option<DesiredWatch>) -> Option<Arc<NodeDesired>> {
     match desired {
         Some(watch) => {
             watch.changed().await.ok()?;
@@ -203,10 +272,4 @@ async fn changed(desired: &mut Option<DesiredWatch>) -> Option<Arc<DesiredState>
         }
         None => std::future::pending().await,
     }
-}
-
-/// Whether `state` is the very state this stream sent last. The controller
-/// publishes a new `Arc` for every change, so pointer equality is enough.
-fn is_last_sent(last_sent: &Option<Arc<DesiredState>>, state: &Arc<DesiredState>) -> bool {
-    last_sent.as_ref().is_some_and(|last| Arc::ptr_eq(last, state))
 }

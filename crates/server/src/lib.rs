@@ -136,6 +136,7 @@ impl Server {
     /// starts the controller.
     pub async fn open(config: ServerConfig) -> Result<Server, OpenServerError> {
         create_data_dir(&config.data_dir)?;
+        private_database(&config.data_dir)?;
         let store = SqliteStore::open(&config.data_dir.join("hutch.db")).await?;
         Server::open_with_store(config, store).await
     }
@@ -279,9 +280,42 @@ impl Server {
     }
 }
 
+fn data_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> OpenServerError {
+    let path = path.to_owned();
+    move |source| OpenServerError::DataDir { path, source }
+}
+
+/// Creates the data dir, the owner's alone: it holds the keys and the database,
+/// which holds tenants' environments.
 fn create_data_dir(path: &Path) -> Result<(), OpenServerError> {
-    std::fs::create_dir_all(path)
-        .map_err(|source| OpenServerError::DataDir { path: path.to_owned(), source })
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(path).map_err(data_dir_error(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .map_err(data_dir_error(path))
+}
+
+/// Makes the SQLite database files the owner's alone, whatever the umask.
+fn private_database(path: &Path) -> Result<(), OpenServerError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let error = data_dir_error;
+    // SQLite gives its -wal and -shm files the database file's mode, so a
+    // database created 0600 here keeps all three private.
+    let db = path.join("hutch.db");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&db)
+        .map_err(error(&db))?;
+    for name in ["hutch.db", "hutch.db-wal", "hutch.db-shm"] {
+        let file = path.join(name);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(error(&file)(e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Server {

@@ -10,6 +10,14 @@ pub const MAX_TIMEOUT_SECS: u64 = 86_400;
 const MAX_TAGS: usize = 64;
 const MAX_PORTS: usize = 64;
 const MAX_ENV: usize = 1024;
+/// Bounds on what one spec may carry. Every spec travels to its node and is
+/// stored twice; unbounded, one tenant's specs could fill the node's messages
+/// for every other tenant. 128 KiB is also `MAX_ARG_STRLEN`, the most one
+/// argument or variable may be for `execve`.
+pub const MAX_ENV_BYTES: usize = 128 * 1024;
+pub const MAX_COMMAND_BYTES: usize = 128 * 1024;
+const MAX_COMMAND_ARGS: usize = 4096;
+const MAX_PATH_BYTES: usize = 4096;
 
 /// A field of a request that is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,9 +60,29 @@ pub fn validate_create(request: CreateSandbox) -> Result<ValidCreate, InvalidFie
     if let Some(index) = command.iter().position(|arg| arg.contains('\0')) {
         return Err(invalid(format!("command[{index}]"), "must not contain NUL"));
     }
+    let command_bytes: usize = command.iter().map(|arg| arg.len() + 1).sum();
+    if command.len() > MAX_COMMAND_ARGS || command_bytes > MAX_COMMAND_BYTES {
+        return Err(invalid(
+            "command",
+            format!(
+                "at most {MAX_COMMAND_ARGS} arguments of {} KiB in all",
+                MAX_COMMAND_BYTES / 1024
+            ),
+        ));
+    }
     let env = request.env.unwrap_or_default();
     if env.len() > MAX_ENV {
         return Err(invalid("env", format!("at most {MAX_ENV} variables")));
+    }
+    let env_bytes: usize = env.iter().map(|(key, value)| key.len() + value.len() + 2).sum();
+    if env_bytes > MAX_ENV_BYTES {
+        return Err(invalid(
+            "env",
+            format!(
+                "at most {} KiB of names and values in all ({env_bytes} bytes given)",
+                MAX_ENV_BYTES / 1024
+            ),
+        ));
     }
     for (key, value) in &env {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
@@ -68,9 +96,9 @@ pub fn validate_create(request: CreateSandbox) -> Result<ValidCreate, InvalidFie
         }
     }
     if let Some(dir) = &request.working_dir
-        && (!dir.starts_with('/') || dir.contains('\0'))
+        && (!dir.starts_with('/') || dir.contains('\0') || dir.len() > MAX_PATH_BYTES)
     {
-        return Err(invalid("working_dir", "must be an absolute path"));
+        return Err(invalid("working_dir", "must be an absolute path of at most 4096 bytes"));
     }
     if let Some(user) = &request.user
         && (user.is_empty() || user.len() > 64 || user.contains(['\0', ':', '/']))
@@ -196,6 +224,23 @@ mod tests {
         assert_eq!(validate_create(request).unwrap_err().field, "ports[1]");
         let request = CreateSandbox { timeout_secs: Some(86_401), ..Default::default() };
         assert_eq!(validate_create(request).unwrap_err().field, "timeout_secs");
+    }
+
+    #[test]
+    fn specs_are_bounded_in_size() {
+        let env =
+            |bytes: usize| Some([("BIG".to_owned(), "x".repeat(bytes))].into_iter().collect());
+        let fits = CreateSandbox { env: env(64 * 1024), ..Default::default() };
+        assert!(validate_create(fits).is_ok());
+        let huge = CreateSandbox { env: env(1 << 20), ..Default::default() };
+        assert_eq!(validate_create(huge).unwrap_err().field, "env");
+        let long = CreateSandbox {
+            command: Some(vec!["sh".into(), "x".repeat(MAX_COMMAND_BYTES)]),
+            ..Default::default()
+        };
+        assert_eq!(validate_create(long).unwrap_err().field, "command");
+        let many = CreateSandbox { command: Some(vec!["a".into(); 5000]), ..Default::default() };
+        assert_eq!(validate_create(many).unwrap_err().field, "command");
     }
 
     #[test]

@@ -459,3 +459,49 @@ async fn finished_sandboxes_leave_the_api_after_the_history_period() -> Result<(
     assert_eq!(list["sandboxes"][0]["id"], newest.as_str());
     Ok(())
 }
+
+/// The attack: an unauthenticated client sends requests with made-up methods
+/// (any token is a valid HTTP method), each of which used to get a metrics series
+/// of its own, growing the server's memory without bound.
+#[tokio::test]
+async fn made_up_methods_share_one_metrics_series() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = TestServer::start(dir.path()).await?;
+    for i in 0..200 {
+        let method = reqwest::Method::from_bytes(format!("HUTCH{i}").as_bytes())?;
+        let _ = server.http.request(method, server.url("/v1/namespaces")).send().await?;
+    }
+    let metrics = server.http.get(server.url("/metrics")).send().await?.text().await?;
+    assert!(!metrics.contains("HUTCH1"), "{metrics}");
+    let series = metrics.lines().filter(|l| l.starts_with("hutch_http_requests_total{")).count();
+    assert!(series < 10, "{metrics}");
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+    Ok(())
+}
+
+/// The database and the data dir hold tenants' environments and key hashes:
+/// no other user of the host may read them, whatever the umask.
+#[tokio::test]
+async fn the_data_dir_and_the_database_are_the_owners_alone() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    // A permissive umask for the duration of the test would race other tests;
+    // an existing, open data dir and database show the same: they are tightened.
+    std::fs::create_dir(&data)?;
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(data.join("hutch.db"), b"")?;
+    std::fs::set_permissions(data.join("hutch.db"), std::fs::Permissions::from_mode(0o644))?;
+    let server = TestServer::start(&data).await?;
+    server.create("default", json!({})).await?;
+    let mode = |name: &str| -> Result<u32> {
+        Ok(std::fs::metadata(data.join(name))?.permissions().mode() & 0o777)
+    };
+    assert_eq!(mode("")?, 0o700);
+    for name in ["hutch.db", "hutch.db-wal", "admin.key", "node.key"] {
+        if data.join(name).exists() {
+            assert_eq!(mode(name)?, 0o600, "{name}");
+        }
+    }
+    Ok(())
+}

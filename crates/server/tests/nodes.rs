@@ -246,6 +246,7 @@ async fn nodes_need_the_node_token_and_registration() -> Result<()> {
         capacity: Some(capacity(1.0, 1024)),
         proxy_url: "http://127.0.0.1:1".into(),
         version: String::new(),
+        sandbox_max: None,
     };
     let status = wrong.register(request).await.expect_err("registered without the token");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
@@ -256,6 +257,7 @@ async fn nodes_need_the_node_token_and_registration() -> Result<()> {
         node_id: "stranger".into(),
         capacity: None,
         sandboxes: vec![],
+        sandbox_max: None,
     };
     let mut stream = client.sync(tokio_stream::iter(vec![report])).await?.into_inner();
     let answer =

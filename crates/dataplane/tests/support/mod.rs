@@ -170,7 +170,7 @@ impl TestServer {
 
     /// Replaces the desired state; sent to the node at once (even if identical).
     pub fn set_desired(&self, sandboxes: Vec<DesiredSandbox>) {
-        self.desired.send_replace(DesiredState { sandboxes });
+        self.desired.send_replace(DesiredState { sandboxes, ..Default::default() });
     }
 
     /// Ends every Sync stream and stops listening.
@@ -278,11 +278,16 @@ pub fn spec(id: &str, command: &[&str], ports: &[u32]) -> SandboxSpec {
 }
 
 pub fn run(spec: SandboxSpec) -> DesiredSandbox {
-    DesiredSandbox { spec: Some(spec), phase: Phase::Run as i32, grace_secs: 0 }
+    DesiredSandbox {
+        id: spec.id.clone(),
+        spec: Some(spec),
+        phase: Phase::Run as i32,
+        grace_secs: 0,
+    }
 }
 
 pub fn stop(spec: SandboxSpec, grace_secs: u32) -> DesiredSandbox {
-    DesiredSandbox { spec: Some(spec), phase: Phase::Stop as i32, grace_secs }
+    DesiredSandbox { id: spec.id.clone(), spec: Some(spec), phase: Phase::Stop as i32, grace_secs }
 }
 
 /// A running dataplane.
@@ -333,6 +338,7 @@ impl TestNode {
             network_bridge: None,
             network_subnet: None,
             network_table: None,
+            blocked_networks: None,
             sandboxd_path: hutch_testkit::sandboxd_path(),
             cgroup_parent: Some(format!("hutch-dptest-{name}-{}", std::process::id())),
             insecure_registries: Vec::new(),

@@ -123,6 +123,7 @@ impl From<ControlError> for ApiError {
                 ApiError::SandboxNotRunning { id, state, reason }
             }
             ControlError::ShuttingDown => ApiError::ShuttingDown,
+            ControlError::TooLarge(field) => ApiError::InvalidField(field),
             error @ (ControlError::NodeNotRegistered(_) | ControlError::Store(_)) => {
                 ApiError::Internal(Box::new(error))
             }

@@ -240,6 +240,18 @@ impl FakeNode {
         capacity: Resources,
         proxy_url: &str,
     ) -> Result<FakeNode> {
+        FakeNode::connect_with_max(grpc, token, id, capacity, proxy_url, None).await
+    }
+
+    /// [`FakeNode::connect_to`] for a node that says how large a sandbox it runs.
+    pub async fn connect_with_max(
+        grpc: SocketAddr,
+        token: &str,
+        id: &str,
+        capacity: Resources,
+        proxy_url: &str,
+        sandbox_max: Option<Resources>,
+    ) -> Result<FakeNode> {
         let mut client = client(grpc, token).await?;
         let registered = client
             .register(RegisterRequest {
@@ -247,6 +259,7 @@ impl FakeNode {
                 capacity: Some(capacity),
                 proxy_url: proxy_url.to_owned(),
                 version: "test".to_owned(),
+                sandbox_max,
             })
             .await?
             .into_inner();
@@ -257,6 +270,7 @@ impl FakeNode {
             node_id: id.to_owned(),
             capacity: Some(capacity),
             sandboxes: vec![],
+            sandbox_max: None,
         });
         // Like a real dataplane: report at once after a change, and as a
         // heartbeat in between.
@@ -293,7 +307,12 @@ impl FakeNode {
     /// Sends a full report (and repeats it as the heartbeat from now on).
     pub async fn report(&mut self, sandboxes: Vec<ObservedSandbox>) -> Result<()> {
         self.reports
-            .send(NodeReport { node_id: self.id.clone(), capacity: Some(self.capacity), sandboxes })
+            .send(NodeReport {
+                node_id: self.id.clone(),
+                capacity: Some(self.capacity),
+                sandboxes,
+                sandbox_max: None,
+            })
             .context("heartbeat task ended")
     }
 
@@ -338,9 +357,7 @@ impl FakeNode {
     ) -> Result<DesiredState> {
         let id = id.to_owned();
         self.wait_desired(move |state| {
-            state.sandboxes.iter().any(|s| {
-                s.spec.as_ref().is_some_and(|spec| spec.id == id) && s.phase == phase as i32
-            })
+            state.sandboxes.iter().any(|s| s.id == id && s.phase == phase as i32)
         })
         .await
     }
@@ -376,7 +393,7 @@ pub async fn error_of(response: reqwest::Response) -> Result<(u16, String, Strin
 
 /// Whether the desired state names sandbox `id` (in any phase).
 pub fn desires(state: &DesiredState, id: &str) -> bool {
-    state.sandboxes.iter().any(|s| s.spec.as_ref().is_some_and(|spec| spec.id == id))
+    state.sandboxes.iter().any(|s| s.id == id)
 }
 
 pub fn id_of(sandbox: &Value) -> String {
